@@ -1,0 +1,75 @@
+"""One ``probe train`` option per ``DQNConfig`` field, with the field's docstring as its help."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import typing
+from enum import Enum
+from typing import Annotated, Any
+
+import typer
+
+from reference_agent.config import DQNConfig
+
+OPTION_NAMES = {"env_id": ("--env",), "total_steps": ("--steps", "--total-steps")}
+"""Short names the design gives; every other field is ``--field-name``."""
+
+SKIPPED = {"extra"}
+PANEL = "Agent configuration (defaults: the paper's settings)"
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each annotated field of a dataclass, from its source."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = nxt.value.value.strip()
+    return docs
+
+
+def config_parameters() -> list[inspect.Parameter]:
+    """Keyword parameters ``Annotated[type, typer.Option(...)]`` for the config fields."""
+    hints = typing.get_type_hints(DQNConfig)
+    docs = field_docs(DQNConfig)
+    defaults = DQNConfig()
+    params = []
+    for f in dataclasses.fields(DQNConfig):
+        if f.name in SKIPPED:
+            continue
+        kind: Any = hints[f.name]
+        default = getattr(defaults, f.name)
+        help_text = docs.get(f.name, "")
+        if f.name == "hidden_sizes":
+            kind, default = str, ",".join(map(str, default))
+            help_text += " Comma-separated, e.g. 64,64."
+        names = OPTION_NAMES.get(f.name, ("--" + f.name.replace("_", "-"),))
+        if kind is bool:
+            names = (f"{names[0]}/--no-{names[0][2:]}",)
+        option = typer.Option(*names, help=help_text, rich_help_panel=PANEL)
+        params.append(
+            inspect.Parameter(
+                f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[kind, option]
+            )
+        )
+    return params
+
+
+def config_from_options(values: dict[str, Any]) -> DQNConfig:
+    """Build the config from parsed option values (enums to their values, sizes to a tuple)."""
+    data = {k: (v.value if isinstance(v, Enum) else v) for k, v in values.items()}
+    sizes = str(data.pop("hidden_sizes"))
+    try:
+        data["hidden_sizes"] = tuple(int(x) for x in sizes.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"--hidden-sizes expects comma-separated integers, got {sizes!r}") from None
+    return DQNConfig.from_dict(data)

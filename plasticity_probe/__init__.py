@@ -1,0 +1,61 @@
+"""plasticity_probe: layer-wise plasticity diagnostics and successive regularization for any
+``torch.nn.Module``. See ``docs/`` and DESIGN.md for the definitions."""
+
+from plasticity_probe.hessian import HessianSpectrum, hessian_spectrum
+from plasticity_probe.layers import LayerInfo, SkippedModule, discover_layers
+from plasticity_probe.metrics import (
+    NonFiniteWarning,
+    dead_unit_fraction,
+    dormant_fraction,
+    effective_rank,
+    feature_norm,
+    feature_rank,
+    mean_abs_weight,
+    srank,
+    stable_rank,
+    weight_magnitude,
+)
+from plasticity_probe.probe import Probe
+from plasticity_probe.regularizers import (
+    Penalty,
+    SuccessiveRegularizer,
+    l1_penalty,
+    l2_penalty,
+    l2init_penalty,
+    singular_penalty,
+)
+from plasticity_probe.report import LayerRecord, Report
+from plasticity_probe.sinks import CsvSink, JsonlSink, TensorBoardSink
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CsvSink",
+    "HessianSpectrum",
+    "JsonlSink",
+    "LayerInfo",
+    "LayerRecord",
+    "NonFiniteWarning",
+    "Penalty",
+    "Probe",
+    "Report",
+    "SkippedModule",
+    "SuccessiveRegularizer",
+    "TensorBoardSink",
+    "__version__",
+    "dead_unit_fraction",
+    "discover_layers",
+    "dormant_fraction",
+    "effective_rank",
+    "feature_norm",
+    "feature_rank",
+    "hessian_spectrum",
+    "l1_penalty",
+    "l2_penalty",
+    "l2init_penalty",
+    "mean_abs_weight",
+    "singular_penalty",
+    "srank",
+    "stable_rank",
+    "weight_magnitude",
+]

@@ -1,0 +1,233 @@
+"""``Probe``: capture each layer's features with hooks and report plasticity metrics.
+
+::
+
+    probe = Probe(model, probe_batch=fixed_obs)     # any nn.Module
+    report = probe.measure()                        # one no-grad forward pass on the fixed batch
+    # or, on your own forward pass:
+    with probe.capture():
+        model(obs)
+    report = probe.report()
+
+Hooks exist only inside ``capture()`` and are removed on exit, also on error. Captured tensors
+are detached and cloned in the hook; capturing changes no output, gradient or train/eval mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from plasticity_probe import metrics as M
+from plasticity_probe.hessian import hessian_spectrum
+from plasticity_probe.layers import FeatureHooks, LayerInfo, SkippedModule, call_model, layer_candidates
+from plasticity_probe.report import LayerRecord, Report
+
+__all__ = ["DEFAULT_METRICS", "FEATURE_METRICS", "WEIGHT_METRICS", "Probe"]
+
+WEIGHT_METRICS = ("weight_magnitude", "mean_abs_weight", "weight_stable_rank")
+FEATURE_METRICS = (
+    "effective_rank",
+    "srank",
+    "feature_rank",
+    "dead_fraction",
+    "dormant_fraction",
+    "feature_norm",
+)
+DEFAULT_METRICS = (
+    "weight_magnitude",
+    "mean_abs_weight",
+    "effective_rank",
+    "srank",
+    "dead_fraction",
+    "dormant_fraction",
+    "feature_norm",
+)
+
+
+def _weight_matrix(module: nn.Module) -> torch.Tensor | None:
+    w = getattr(module, "weight", None)
+    if isinstance(w, torch.Tensor) and w.ndim >= 2:
+        return w.detach().reshape(w.shape[0], -1)
+    return None
+
+
+class Probe:
+    """Layer-wise plasticity diagnostics for any ``nn.Module``.
+
+    Args:
+        model: the network to probe.
+        layers: module paths of the layers to probe (default: every module owning parameters,
+            normalization layers excepted), numbered in forward order.
+        metrics: which per-layer metrics to compute (default :data:`DEFAULT_METRICS`; any of
+            :data:`WEIGHT_METRICS` and :data:`FEATURE_METRICS`).
+        probe_batch: a fixed input batch for :meth:`measure`, reused across training so that data
+            drift is not mistaken for network change.
+        dormant_tau: τ of :func:`~plasticity_probe.metrics.dormant_fraction`.
+        srank_delta: δ of :func:`~plasticity_probe.metrics.srank`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[str] | None = None,
+        metrics: Sequence[str] | None = None,
+        probe_batch: Any = None,
+        dormant_tau: float = 0.025,
+        srank_delta: float = 0.01,
+    ) -> None:
+        chosen = tuple(metrics) if metrics is not None else DEFAULT_METRICS
+        unknown = [m for m in chosen if m not in WEIGHT_METRICS + FEATURE_METRICS]
+        if unknown:
+            raise ValueError(f"unknown metric(s) {unknown}; known: {list(WEIGHT_METRICS + FEATURE_METRICS)}")
+        self.model = model
+        self.metrics = chosen
+        self.probe_batch = probe_batch
+        self.dormant_tau = dormant_tau
+        self.srank_delta = srank_delta
+        self._candidates, self._skipped = layer_candidates(model, layers)
+        self._layers: list[LayerInfo] = []
+        self._features: dict[str, torch.Tensor] = {}
+        self._not_called: list[SkippedModule] = []
+
+    @contextmanager
+    def capture(self) -> Iterator[Probe]:
+        """Record the features of the last forward pass of ``model`` inside the block."""
+        hooks = FeatureHooks(self.model, self._candidates, detach=True)
+        hooks.attach()
+        try:
+            yield self
+        finally:
+            hooks.remove()
+        self._layers = hooks.layers()
+        self._features = hooks.features()
+        self._not_called = hooks.not_called()
+
+    @property
+    def layers(self) -> list[LayerInfo]:
+        """Layers seen in the last capture, in forward order."""
+        return self._layers
+
+    @property
+    def features(self) -> dict[str, torch.Tensor]:
+        """Captured features of each layer (detached copies), keyed by layer name."""
+        return self._features
+
+    def measure(
+        self,
+        batch: Any = None,
+        *,
+        loss_fn: Callable[[], torch.Tensor] | None = None,
+        hessian: bool = False,
+        per_layer_hessian: bool = False,
+        hessian_kwargs: dict[str, Any] | None = None,
+    ) -> Report:
+        """Run one ``torch.no_grad()`` forward pass on ``batch`` (default: the fixed probe batch)
+        inside :meth:`capture` and return :meth:`report`."""
+        batch = self.probe_batch if batch is None else batch
+        if batch is None:
+            raise ValueError("Probe.measure: no batch given and no probe_batch set")
+        with self.capture(), torch.no_grad():
+            call_model(self.model, batch)
+        return self.report(
+            loss_fn=loss_fn, hessian=hessian, per_layer_hessian=per_layer_hessian, hessian_kwargs=hessian_kwargs
+        )
+
+    def report(
+        self,
+        *,
+        loss_fn: Callable[[], torch.Tensor] | None = None,
+        hessian: bool = False,
+        per_layer_hessian: bool = False,
+        hessian_kwargs: dict[str, Any] | None = None,
+    ) -> Report:
+        """Per-layer metrics of the last capture, whole-network aggregates and, when ``loss_fn``
+        is given with ``hessian=True``, the curvature of that loss w.r.t. all parameters (and per
+        layer with ``per_layer_hessian=True``)."""
+        if not self._layers:
+            raise RuntimeError("Probe.report: nothing captured; call the model inside probe.capture()")
+        records: list[LayerRecord] = []
+        notes: list[str] = []
+        kw = hessian_kwargs or {}
+        for info in self._layers:
+            params = list(info.module.parameters(recurse=False))
+            feats = self._features.get(info.name)
+            values = self._weight_metrics(info.module, params)
+            if feats is not None:
+                values.update(self._feature_metrics(feats))
+            if loss_fn is not None and per_layer_hessian:
+                spec = hessian_spectrum(loss_fn, params, **kw)
+                values.update(spec.as_metrics())
+                if spec.condition_number is None:
+                    notes.append(f"{info.name}: {spec.condition_note}")
+            n_units = feats.shape[1] if feats is not None and feats.ndim >= 2 else None
+            records.append(
+                LayerRecord(info.name, info.index, info.kind, sum(p.numel() for p in params), n_units, values)
+            )
+        network = self._network_metrics()
+        if loss_fn is not None and (hessian or per_layer_hessian):
+            spec = hessian_spectrum(loss_fn, self.model, **kw)
+            network.update(spec.as_metrics())
+            if spec.condition_number is None:
+                notes.append(f"network: {spec.condition_note}")
+        return Report(records, network, self._skipped + self._not_called, notes)
+
+    def _weight_metrics(self, module: nn.Module, params: list[torch.Tensor]) -> dict[str, float]:
+        values: dict[str, float] = {}
+        if "weight_magnitude" in self.metrics:
+            values["weight_magnitude"] = M.weight_magnitude(params)
+        if "mean_abs_weight" in self.metrics:
+            values["mean_abs_weight"] = M.mean_abs_weight(params)
+        w = _weight_matrix(module)
+        if "weight_stable_rank" in self.metrics and w is not None:
+            values["weight_stable_rank"] = M.stable_rank(w)
+        return values
+
+    def _feature_metrics(self, feats: torch.Tensor) -> dict[str, float]:
+        functions: dict[str, Callable[[torch.Tensor], float]] = {
+            "effective_rank": M.effective_rank,
+            "srank": lambda f: float(M.srank(f, self.srank_delta)),
+            "feature_rank": lambda f: float(M.feature_rank(f)),
+            "dead_fraction": M.dead_unit_fraction,
+            "dormant_fraction": lambda f: M.dormant_fraction(f, self.dormant_tau),
+            "feature_norm": M.feature_norm,
+        }
+        return {name: fn(feats) for name, fn in functions.items() if name in self.metrics}
+
+    def _network_metrics(self) -> dict[str, float]:
+        """Weight magnitude over all parameters; dead and dormant units pooled over the hidden
+        layers (all probed layers but the last, whose output is the prediction)."""
+        network: dict[str, float] = {}
+        if "weight_magnitude" in self.metrics:
+            network["weight_magnitude"] = M.weight_magnitude(self.model)
+        if "mean_abs_weight" in self.metrics:
+            network["mean_abs_weight"] = M.mean_abs_weight(self.model)
+        hidden = [self._features[i.name] for i in self._layers[:-1] if i.name in self._features]
+        if hidden:
+            units = [M.as_unit_matrix(h) for h in hidden]
+            total = sum(u.shape[1] for u in units)
+            if "dead_fraction" in self.metrics:
+                dead = [M.dead_unit_fraction(h) * u.shape[1] for h, u in zip(hidden, units, strict=True)]
+                network["dead_fraction"] = sum(dead) / total
+            if "dormant_fraction" in self.metrics:
+                dormant = [
+                    M.dormant_fraction(h, self.dormant_tau) * u.shape[1]
+                    for h, u in zip(hidden, units, strict=True)
+                ]
+                network["dormant_fraction"] = sum(dormant) / total
+        return network
+
+    def close(self) -> None:
+        """Drop the captured features (hooks never outlive ``capture()``)."""
+        self._features = {}
+        self._layers = []
+
+    def __enter__(self) -> Probe:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,152 @@
+"""Per-layer records of plasticity metrics and their renderings (long rows, dict, JSON, table).
+
+Long-row format (``Report.rows()``), one dict per (layer, metric)::
+
+    {"layer": "net.0", "index": 1, "metric": "effective_rank", "value": 41.7}
+
+Whole-network aggregates use ``layer = "network"`` and ``index = 0``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.table import Table
+
+from plasticity_probe.layers import SkippedModule
+
+__all__ = ["NETWORK", "LayerRecord", "Report"]
+
+NETWORK = "network"
+
+
+@dataclass
+class LayerRecord:
+    """Metrics of one layer: module path, 1-based forward index, kind, sizes, metric values."""
+
+    name: str
+    index: int
+    kind: str
+    n_params: int
+    n_units: int | None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Report:
+    """A plasticity report: one record per layer, whole-network aggregates, skipped modules and
+    notes (e.g. why a condition number is undefined)."""
+
+    layers: list[LayerRecord]
+    network: dict[str, float] = field(default_factory=dict)
+    skipped: list[SkippedModule] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def __getitem__(self, name: str) -> LayerRecord:
+        for record in self.layers:
+            if record.name == name:
+                return record
+        raise KeyError(f"no layer named {name!r}; layers: {[r.name for r in self.layers]}")
+
+    def value(self, layer: str, metric: str) -> float:
+        """One value; ``layer="network"`` for the aggregates."""
+        if layer == NETWORK:
+            return self.network[metric]
+        return self[layer].metrics[metric]
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Long format: one dict per (layer, metric) with keys layer, index, metric, value."""
+        rows = [
+            {"layer": r.name, "index": r.index, "metric": m, "value": v}
+            for r in self.layers
+            for m, v in r.metrics.items()
+        ]
+        rows += [{"layer": NETWORK, "index": 0, "metric": m, "value": v} for m, v in self.network.items()]
+        return rows
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layers": [
+                {
+                    "name": r.name,
+                    "index": r.index,
+                    "kind": r.kind,
+                    "n_params": r.n_params,
+                    "n_units": r.n_units,
+                    "metrics": dict(r.metrics),
+                }
+                for r in self.layers
+            ],
+            "network": dict(self.network),
+            "skipped": [{"name": s.name, "reason": s.reason} for s in self.skipped],
+            "notes": list(self.notes),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Report:
+        return cls(
+            layers=[
+                LayerRecord(**{**d, "metrics": {k: _none_to_nan(v) for k, v in d["metrics"].items()}})
+                for d in data["layers"]
+            ],
+            network={k: _none_to_nan(v) for k, v in data.get("network", {}).items()},
+            skipped=[SkippedModule(**s) for s in data.get("skipped", [])],
+            notes=list(data.get("notes", [])),
+        )
+
+    def to_json(self, **kwargs: Any) -> str:
+        """JSON text; NaN and Inf become ``null`` so the output is strict JSON."""
+        return json.dumps(_finite_or_none(self.to_dict()), **kwargs)
+
+    def metric_names(self) -> list[str]:
+        names: list[str] = []
+        for r in self.layers:
+            names += [m for m in r.metrics if m not in names]
+        return names
+
+    def table(self, title: str | None = None) -> Table:
+        """A rich table: one row per layer plus a ``network`` row."""
+        metrics = self.metric_names()
+        table = Table(title=title, show_lines=False)
+        for col in ("l", "layer", "kind", "params", *metrics):
+            table.add_column(col, justify="left" if col in ("layer", "kind") else "right")
+        for r in self.layers:
+            table.add_row(
+                str(r.index), r.name, r.kind, str(r.n_params), *(_fmt(r.metrics.get(m)) for m in metrics)
+            )
+        if self.network:
+            extra = [m for m in self.network if m not in metrics]
+            table.add_row(
+                "", NETWORK, "", str(sum(r.n_params for r in self.layers)),
+                *(_fmt(self.network.get(m)) for m in metrics),
+            )
+            for m in extra:
+                table.caption = (table.caption + "  " if table.caption else "") + f"{m} = {_fmt(self.network[m])}"
+        return table
+
+
+def _fmt(v: float | None) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, int) or (isinstance(v, float) and v.is_integer() and abs(v) < 1e6):
+        return str(int(v))
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return f"{v:.4g}"
+
+
+def _none_to_nan(v: float | None) -> float:
+    return math.nan if v is None else v
+
+
+def _finite_or_none(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite_or_none(v) for v in obj]
+    return obj

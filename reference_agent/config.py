@@ -1,0 +1,149 @@
+"""The reference DQN's configuration: the paper's settings, and where the paper is silent the
+values of the authors' CS285-based code (see DESIGN.md, "What the paper leaves out")."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class Reg(str, Enum):
+    """Which penalty to add to the TD loss (``none`` = the no-regularization baseline)."""
+
+    none = "none"
+    l2 = "l2"
+    l2init = "l2init"
+    singular = "singular"
+    l1 = "l1"
+
+
+class RegEvery(str, Enum):
+    """When to add the penalty: every update, or only on target-network updates (t mod τ = 0)."""
+
+    update = "update"
+    target = "target"
+
+
+@dataclass
+class DQNConfig:
+    """Every field is a ``probe train`` option (``--total-steps`` for ``total_steps``…)."""
+
+    env_id: str = "CartPole-v1"
+    """Gymnasium environment id; discrete actions and a flat observation vector."""
+    seed: int = 0
+    """Seeds the network initialization, ε-greedy, replay sampling and environment resets."""
+    total_steps: int = 100_000
+    """Environment steps to train for (the paper: 100,000)."""
+    learning_rate: float = 1e-3
+    """Adam learning rate, constant (the paper: 1e-3)."""
+    batch_size: int = 512
+    """Minibatch size of each gradient step (authors' code: 512)."""
+    gamma: float = 0.99
+    """Discount factor γ."""
+    buffer_size: int = 0
+    """Replay capacity; 0 means ``total_steps`` (the authors' buffer holds every transition)."""
+    learning_starts: int = 20_000
+    """First environment step with a gradient step (authors' code: 20,000)."""
+    target_update_period: int = 1000
+    """τ: hard copy of the online network into the target network every τ steps."""
+    eps_start: float = 1.0
+    """ε of ε-greedy at step 0."""
+    eps_end: float = 0.02
+    """ε after the decay."""
+    eps_fraction: float = 0.1
+    """Fraction of ``total_steps`` over which ε falls linearly from ``eps_start`` to ``eps_end``."""
+    hidden_sizes: tuple[int, ...] = (64, 64)
+    """Widths of the hidden layers of the Q-network MLP (ReLU)."""
+    reg: Reg = Reg.none
+    """Penalty added to the TD loss: none, l2, l2init, singular, l1."""
+    lam: float = 0.01
+    """λ, overall strength of the penalty (the paper: 0.01; 0.001 for singular)."""
+    delta: float = 1.25
+    """δ, per-layer growth: layer l weighted δ^l (the paper's best: 1.25; 1 = constant)."""
+    reg_every: RegEvery = RegEvery.update
+    """Add the penalty every update, or only when t mod τ = 0 (target updates)."""
+    reg_squared: bool = True
+    """Squared norms for l2/l2init as in the paper's equations (False: the authors' code)."""
+    eval_every: int = 5000
+    """Evaluate the greedy policy every this many steps."""
+    eval_episodes: int = 5
+    """Episodes per evaluation, on a separate environment."""
+    probe_every: int = 5000
+    """Plasticity report on the fixed probe batch every this many steps (0: never)."""
+    probe_batch_size: int = 512
+    """Transitions in the fixed probe batch, drawn from the buffer when learning starts."""
+    hessian_every: int = 0
+    """TD-loss Hessian λ_max/λ_min on the probe batch every this many steps (0: never)."""
+    log_every: int = 1000
+    """Average and log TD loss, Q-values and target values every this many steps."""
+    checkpoint_every: int = 10_000
+    """Write the checkpoint every this many steps (and at the end or on interruption)."""
+    threads: int = 1
+    """torch intra-op threads."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form tags recorded in config.json (e.g. the sweep a run belongs to)."""
+
+    def __post_init__(self) -> None:
+        self.reg = Reg(self.reg)
+        self.reg_every = RegEvery(self.reg_every)
+        self.hidden_sizes = tuple(int(h) for h in self.hidden_sizes)
+        problems = []
+        for name in ("total_steps", "batch_size", "target_update_period", "eval_episodes", "log_every",
+                     "checkpoint_every", "threads", "eval_every"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1")
+        for name in ("learning_starts", "buffer_size", "probe_every", "hessian_every", "probe_batch_size"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0")
+        if not 0 <= self.eps_fraction <= 1 or not 0 <= self.eps_end <= 1 or not 0 <= self.eps_start <= 1:
+            problems.append("eps_start, eps_end and eps_fraction must lie in [0, 1]")
+        if not 0 <= self.gamma <= 1:
+            problems.append("gamma must lie in [0, 1]")
+        if self.learning_rate <= 0 or self.lam < 0 or self.delta <= 0:
+            problems.append("need learning_rate > 0, lam >= 0, delta > 0")
+        if not self.hidden_sizes or min(self.hidden_sizes) < 1:
+            problems.append("hidden_sizes must be positive widths")
+        if problems:
+            raise ValueError("invalid config: " + "; ".join(problems))
+
+    @property
+    def capacity(self) -> int:
+        return self.buffer_size or self.total_steps
+
+    @property
+    def run_name(self) -> str:
+        """``<env>__<reg>[_lam…_d…_<every>]__s<seed>``: unique per configuration and seed."""
+        if self.reg is Reg.none:
+            reg = "none"
+        else:
+            reg = f"{self.reg.value}_lam{self.lam:g}_d{self.delta:g}_{self.reg_every.value}"
+            if not self.reg_squared:
+                reg += "_unsquared"
+        return f"{self.env_id}__{reg}__s{self.seed}"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["reg"] = self.reg.value
+        d["reg_every"] = self.reg_every.value
+        d["hidden_sizes"] = list(self.hidden_sizes)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DQNConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown config field(s): {sorted(unknown)}")
+        return cls(**data)
+
+
+def epsilon(step: int, cfg: DQNConfig) -> float:
+    """Linear ε schedule: ``eps_start`` at step 0 to ``eps_end`` at ``eps_fraction·total_steps``,
+    constant afterwards."""
+    horizon = cfg.eps_fraction * cfg.total_steps
+    if horizon <= 0:
+        return cfg.eps_end
+    frac = min(step / horizon, 1.0)
+    return cfg.eps_start + frac * (cfg.eps_end - cfg.eps_start)
