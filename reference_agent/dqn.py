@@ -177,7 +177,8 @@ def train(
         torch.set_rng_state(ckpt["rng"]["torch"])
         buffer.load_state_dict(ckpt["buffer"])
         if ckpt["probe_batch"] is not None:
-            probe_batch = Batch(**ckpt["probe_batch"])
+            # fresh (aligned) copies: float32 kernels can round differently on unaligned memory
+            probe_batch = Batch(**{k: v.clone() for k, v in ckpt["probe_batch"].items()})
         stats, stats_count = ckpt["stats"]["sums"].clone(), int(ckpt["stats"]["count"])
         step, episode = int(ckpt["step"]), int(ckpt["episode"]["index"])
         ep_actions = [int(a) for a in ckpt["episode"]["actions"]]
@@ -206,6 +207,8 @@ def train(
         })
 
     def checkpoint() -> None:
+        if not bool(torch.isfinite(stats).all()):  # never overwrite a good checkpoint with NaN weights
+            raise DivergenceError(f"TD loss became non-finite before step {step}")
         save_checkpoint(ckpt_path, {
             "config": cfg.to_dict(), "versions": package_versions(), "step": step,
             "online": q.state_dict(), "target": target.state_dict(), "init": init_state,

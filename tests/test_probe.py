@@ -1,0 +1,201 @@
+"""Layer discovery and Probe on several architectures; capture never changes the model."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from rich.console import Console
+from torch import nn
+
+import plasticity_probe as pp
+from plasticity_probe.layers import discover_layers
+
+
+def mlp(inplace: bool = False) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(6, 16), nn.ReLU(inplace=inplace), nn.Linear(16, 16), nn.ReLU(inplace=inplace), nn.Linear(16, 3)
+    )
+
+
+class FunctionalMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+class Reordered(nn.Module):
+    """Registered head, middle, first; runs first, middle, head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(16, 3)
+        self.middle = nn.Linear(16, 16)
+        self.first = nn.Linear(6, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.middle(torch.relu(self.first(x)))))
+
+
+class SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.norm = nn.BatchNorm2d(4)
+        self.flat = nn.Flatten()
+        self.fc = nn.Linear(4 * 5 * 5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.flat(F.relu(self.norm(self.conv(x)))))
+
+
+def test_mlp_features_are_post_activation() -> None:
+    torch.manual_seed(0)
+    model, x = mlp(), torch.randn(32, 6)
+    with pp.Probe(model).capture() as probe:
+        model(x)
+    assert [(i.name, i.index, i.kind) for i in probe.layers] == [("0", 1, "linear"), ("2", 2, "linear"), ("4", 3, "linear")]
+    h1 = torch.relu(model[0](x))
+    torch.testing.assert_close(probe.features["0"], h1)
+    torch.testing.assert_close(probe.features["2"], torch.relu(model[2](h1)))
+    torch.testing.assert_close(probe.features["4"], model(x))
+
+
+@pytest.mark.parametrize("make", [lambda: mlp(False), lambda: mlp(True), FunctionalMLP, Reordered])
+def test_same_report_for_every_way_of_writing_the_mlp(make: type[nn.Module]) -> None:
+    torch.manual_seed(0)
+    ref, x = mlp(), torch.randn(64, 6)
+    torch.manual_seed(0)
+    model = make()
+    # copy ref's weights into the model in forward order
+    with torch.no_grad():
+        for src, dst in zip(
+            [m for m in ref if isinstance(m, nn.Linear)],
+            [i.module for i in discover_layers(model, x)[0]],
+            strict=True,
+        ):
+            dst.load_state_dict(src.state_dict())
+    r_ref = pp.Probe(ref, probe_batch=x).measure()
+    r = pp.Probe(model, probe_batch=x).measure()
+    assert [rec.index for rec in r.layers] == [1, 2, 3]
+    for a, b in zip(r_ref.layers, r.layers, strict=True):
+        for metric, value in a.metrics.items():
+            assert b.metrics[metric] == pytest.approx(value, rel=1e-6), (metric, b.name)
+
+
+def test_reordered_modules_are_numbered_in_forward_order() -> None:
+    layers, _ = discover_layers(Reordered(), torch.randn(2, 6))
+    assert [(i.name, i.index) for i in layers] == [("first", 1), ("middle", 2), ("head", 3)]
+
+
+def test_cnn_channels_and_skipped_modules() -> None:
+    torch.manual_seed(0)
+    model, x = SmallCNN(), torch.randn(8, 2, 5, 5)
+    model.eval()
+    with torch.no_grad():
+        model.conv.bias.fill_(-100.0)  # every conv output negative: after norm(eval)+relu…
+        model.norm.bias.fill_(-100.0)  # …all channels are exactly 0: dead
+    report = pp.Probe(model, probe_batch=x).measure()
+    assert [r.name for r in report.layers] == ["conv", "fc"]
+    assert report["conv"].n_units == 4  # channels, features kept as (N, C, H, W)
+    assert report["conv"].metrics["dead_fraction"] == 1.0
+    assert report["conv"].metrics["effective_rank"] == 0.0
+    skipped = {s.name: s.reason for s in report.skipped}
+    assert "normalization" in skipped["norm"]
+    assert "flat" in skipped
+
+
+def test_unused_layer_is_listed_not_dropped() -> None:
+    model = nn.ModuleDict({"a": nn.Linear(3, 3), "unused": nn.Linear(3, 3)})
+    probe = pp.Probe(model)
+    with probe.capture():
+        model["a"](torch.randn(2, 3))
+    # the root was not called: the pass is the layer call itself
+    report = probe.report()
+    assert [r.name for r in report.layers] == ["a"]
+    assert any(s.name == "unused" and "not called" in s.reason for s in report.skipped)
+
+
+def test_named_layers_and_chosen_metrics() -> None:
+    model = mlp()
+    probe = pp.Probe(model, layers=["2"], metrics=["effective_rank", "weight_magnitude"])
+    report = probe.measure(torch.randn(10, 6))
+    assert [r.name for r in report.layers] == ["2"]
+    assert set(report["2"].metrics) == {"effective_rank", "weight_magnitude"}
+    with pytest.raises(ValueError, match="unknown layer"):
+        pp.Probe(model, layers=["nope"])
+    with pytest.raises(ValueError, match="unknown metric"):
+        pp.Probe(model, metrics=["nope"])
+
+
+def test_hooks_removed_on_error_and_mode_unchanged() -> None:
+    model = mlp()
+    model.eval()
+    probe = pp.Probe(model)
+    with pytest.raises(RuntimeError, match="boom"), probe.capture():
+        model(torch.randn(2, 6))
+        raise RuntimeError("boom")
+    for m in model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks
+    assert not model.training
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(0, 10_000), st.booleans(), st.booleans())
+def test_capture_leaves_outputs_and_gradients_bit_identical(seed: int, inplace: bool, train_mode: bool) -> None:
+    torch.manual_seed(seed)
+    model, x = mlp(inplace), torch.randn(16, 6)
+    model.train(train_mode)
+    out_ref = model(x)
+    out_ref.square().sum().backward()
+    grads_ref = [p.grad.clone() for p in model.parameters()]  # type: ignore[union-attr]
+    model.zero_grad()
+    with pp.Probe(model).capture():
+        out = model(x)
+        out.square().sum().backward()
+    assert torch.equal(out, out_ref)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads_ref, strict=True))  # type: ignore[arg-type]
+    assert model.training == train_mode
+
+
+def test_probe_uses_fixed_batch_and_aggregates() -> None:
+    torch.manual_seed(0)
+    model, x = mlp(), torch.randn(128, 6)
+    probe = pp.Probe(model, probe_batch=x)
+    r1, r2 = probe.measure(), probe.measure()
+    assert r1.rows() == r2.rows()
+    feats = probe.features
+    hidden_dead = sum(pp.dead_unit_fraction(feats[n]) * 16 for n in ("0", "2")) / 32
+    assert r1.network["dead_fraction"] == pytest.approx(hidden_dead)
+    assert r1.network["weight_magnitude"] == pytest.approx(pp.weight_magnitude(model))
+    with pytest.raises(ValueError, match="no batch"):
+        pp.Probe(model).measure()
+    with pytest.raises(RuntimeError, match="nothing captured"):
+        pp.Probe(model).report()
+
+
+def test_report_rows_dict_json_and_table() -> None:
+    torch.manual_seed(0)
+    report = pp.Probe(mlp(), probe_batch=torch.randn(32, 6)).measure()
+    rows = report.rows()
+    assert {"layer", "index", "metric", "value"} == set(rows[0])
+    assert rows[0]["layer"] == "0" and rows[0]["index"] == 1
+    net_rows = [r for r in rows if r["layer"] == "network"]
+    assert net_rows and all(r["index"] == 0 for r in net_rows)
+    assert report.value("2", "srank") == report["2"].metrics["srank"]
+    back = pp.Report.from_dict(json.loads(report.to_json()))
+    assert back.rows() == rows
+    report.layers[0].metrics["effective_rank"] = math.nan
+    assert json.loads(report.to_json())["layers"][0]["metrics"]["effective_rank"] is None
+    console = Console(width=200, record=True)
+    console.print(report.table(title="t"))
+    text = console.export_text()
+    assert "effective_rank" in text and "network" in text

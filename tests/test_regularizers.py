@@ -1,0 +1,178 @@
+"""SuccessiveRegularizer against the formula computed by hand."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import plasticity_probe as pp
+
+
+class Scrambled(nn.Module):
+    """Registered c, a, b; runs a → b → c with functional activations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Linear(5, 2)
+        self.a = nn.Linear(3, 4)
+        self.b = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.tanh(self.b(F.relu(self.a(x)))))
+
+
+def order(m: Scrambled) -> list[nn.Linear]:
+    return [m.a, m.b, m.c]
+
+
+def sq(module: nn.Module, init: list[torch.Tensor] | None = None) -> float:
+    ps = [p.detach().double() for p in module.parameters()]
+    if init is None:
+        return sum(float((p**2).sum()) for p in ps)
+    return sum(float(((p - p0.double()) ** 2).sum()) for p, p0 in zip(ps, init, strict=True))
+
+
+@pytest.fixture
+def model() -> Scrambled:
+    torch.manual_seed(0)
+    return Scrambled()
+
+
+def test_l2_is_lambda_sum_delta_l_norm_squared(model: Scrambled) -> None:
+    x = torch.randn(7, 3)
+    reg = pp.SuccessiveRegularizer(model, "l2", lam=0.1, delta=1.5)
+    model(x)
+    expected = sum(0.1 * 1.5**l * sq(m) for l, m in enumerate(order(model), start=1))
+    assert float(reg(0)) == pytest.approx(expected, rel=1e-6)
+    assert list(reg.last_terms) == ["a", "b", "c"]
+    assert float(reg.last_terms["c"]) == pytest.approx(0.1 * 1.5**3 * sq(model.c), rel=1e-6)
+    assert reg.weights() == {"a": 1.5, "b": 2.25, "c": 3.375}
+
+
+def test_l1_and_unsquared_variants(model: Scrambled) -> None:
+    x = torch.randn(7, 3)
+    l1 = pp.SuccessiveRegularizer(model, "l1", lam=1.0, delta=2.0, example_input=x)
+    expected = sum(2.0**l * sum(float(p.abs().sum()) for p in m.parameters()) for l, m in enumerate(order(model), 1))
+    assert float(l1(0)) == pytest.approx(expected, rel=1e-6)
+    un = pp.SuccessiveRegularizer(model, "l2", lam=1.0, delta=1.0, squared=False, example_input=x)
+    assert float(un(0)) == pytest.approx(sum(np.sqrt(sq(m)) for m in order(model)), rel=1e-6)
+
+
+def test_per_tensor_index_reproduces_authors_code(model: Scrambled) -> None:
+    reg = pp.SuccessiveRegularizer(model, "l2", lam=1.0, delta=2.0, per_tensor_index=True,
+                                   example_input=torch.randn(2, 3))
+    tensors = [t for m in order(model) for t in (m.weight, m.bias)]
+    expected = sum(2.0**k * float((t.detach() ** 2).sum()) for k, t in enumerate(tensors))
+    assert float(reg(0)) == pytest.approx(expected, rel=1e-6)  # layer l's weight gets δ^(2l−2)
+
+
+def test_l2init_zero_at_construction_then_distance_to_theta0(model: Scrambled) -> None:
+    x = torch.randn(7, 3)
+    reg = pp.SuccessiveRegularizer(model, "l2init", lam=0.5, delta=1.25, example_input=x)
+    init = {n: [p.detach().clone() for p in m.parameters()] for n, m in zip("abc", order(model), strict=True)}
+    assert float(reg(0)) == 0.0
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    expected = sum(0.5 * 1.25**l * sq(m, init[n]) for l, (n, m) in enumerate(zip("abc", order(model), strict=True), 1))
+    assert float(reg(0)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_l2init_survives_save_and_load(model: Scrambled) -> None:
+    x = torch.randn(4, 3)
+    reg = pp.SuccessiveRegularizer(model, "l2init", lam=1.0, delta=1.0, example_input=x)
+    buf = io.BytesIO()
+    torch.save(reg.state_dict(), buf)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    value = float(reg(0))
+    fresh = pp.SuccessiveRegularizer(model, "l2init", lam=1.0, delta=1.0, example_input=x)
+    assert float(fresh(0)) == 0.0  # a new θ_0 snapshot…
+    buf.seek(0)
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    assert float(fresh(0)) == pytest.approx(value)  # …replaced by the saved one
+    with pytest.raises(ValueError, match="do not match"):
+        fresh.load_state_dict({"init": {"zz": []}})
+
+
+def test_singular_penalty_matches_numpy_svd(model: Scrambled) -> None:
+    x = torch.randn(9, 3)
+    reg = pp.SuccessiveRegularizer(model, "singular", lam=0.01, delta=1.25)
+    model(x)
+    total = float(reg(0))
+    h1 = F.relu(model.a(x)).detach().numpy()
+    h2 = torch.tanh(model.b(torch.tensor(h1))).detach().numpy()
+    out = model(x).detach().numpy()
+    expected = 0.0
+    for l, phi in enumerate((h1, h2, out), start=1):
+        s = np.linalg.svd(phi.astype(np.float64), compute_uv=False)
+        expected += 0.01 * 1.25**l * (s[0] ** 2 - s[-1] ** 2)
+    assert total == pytest.approx(expected, rel=1e-4)
+
+
+def test_singular_penalty_wide_matrix_uses_smaller_gram() -> None:
+    phi = torch.randn(3, 10, dtype=torch.float64)
+    s = np.linalg.svd(phi.numpy(), compute_uv=False)
+    assert float(pp.singular_penalty(phi)) == pytest.approx(s[0] ** 2 - s[-1] ** 2, rel=1e-9)
+
+
+def test_every_schedule_adds_nothing_off_schedule(model: Scrambled) -> None:
+    x = torch.randn(4, 3)
+    reg = pp.SuccessiveRegularizer(model, "l2", lam=1.0, delta=1.0, every=5, example_input=x)
+    on = [s for s in range(12) if float(reg(s)) != 0.0]
+    assert on == [0, 5, 10]
+    out = reg(3)
+    assert out.ndim == 0 and float(out) == 0.0 and reg.last_terms == {}
+
+
+@pytest.mark.parametrize("penalty", ["l2", "l2init", "l1", "singular"])
+def test_gradients_reach_every_penalized_layer(model: Scrambled, penalty: str) -> None:
+    x = torch.randn(16, 3)
+    reg = pp.SuccessiveRegularizer(model, penalty, lam=1.0, delta=1.25)
+    if penalty == "l2init":
+        model(x)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1)
+    model(x)
+    reg(0).backward()
+    for m in order(model):
+        assert m.weight.grad is not None and float(m.weight.grad.abs().sum()) > 0
+
+
+def test_layer_subset_keeps_forward_indices(model: Scrambled) -> None:
+    x = torch.randn(6, 3)
+    reg = pp.SuccessiveRegularizer(model, "l2", lam=1.0, delta=2.0, layers=["b"], example_input=x)
+    assert float(reg(0)) == pytest.approx(4.0 * sq(model.b), rel=1e-6)  # b is layer 2: δ²
+    with pytest.raises(ValueError, match="not layers"):
+        pp.SuccessiveRegularizer(model, "l2", layers=["zz"], example_input=x)
+
+
+def test_errors(model: Scrambled) -> None:
+    with pytest.raises(ValueError, match="unknown penalty"):
+        pp.SuccessiveRegularizer(model, "l3")
+    with pytest.raises(ValueError, match="every"):
+        pp.SuccessiveRegularizer(model, "l2", every=0)
+    reg = pp.SuccessiveRegularizer(model, "l2")
+    with pytest.raises(RuntimeError, match="no forward pass"):
+        reg(0)
+
+
+def test_parameter_penalties_leave_no_hooks_and_no_grad_passes_are_ignored(model: Scrambled) -> None:
+    x = torch.randn(5, 3)
+    pp.SuccessiveRegularizer(model, "l2", example_input=x)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    reg = pp.SuccessiveRegularizer(model, "singular", lam=1.0, delta=1.0)
+    model(x)
+    with torch.no_grad():
+        model(torch.zeros(5, 3))  # e.g. the target computation: not captured
+    grad_value = float(reg(0))
+    assert grad_value > 0
+    reg.close()
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
