@@ -164,3 +164,140 @@ def sweep(
 
 def main() -> None:
     app()
+
+
+@app.command()
+@user_errors
+def analyze(
+    checkpoints: Annotated[list[Path], typer.Argument(help="One checkpoint, or two to compare layer by layer.")],
+    obs: Annotated[Path | None, typer.Option(help="Observations (.npy or .pt, shape N×obs_dim) for activation metrics.")] = None,
+    model: Annotated[str | None, typer.Option(help="Architecture as module:factory (factory() returns the nn.Module).")] = None,
+    hessian: Annotated[bool, typer.Option("--hessian", help="Add TD-loss curvature (reference-agent checkpoints).")] = False,
+    json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Plasticity read-out of a checkpoint: agent checkpoints, torch state dicts, SB3 zips,
+    safetensors. Files are loaded with weights_only=True; pickles that could run code are refused.
+
+    Examples:
+
+      probe analyze runs/CartPole-v1__none__s0/checkpoint.pt --hessian
+
+      probe analyze cleanrl_dqn.cleanrl_model --obs observations.npy
+
+      probe analyze early/checkpoint.pt late/checkpoint.pt
+    """
+    import json
+
+    from reference_agent.analysis import analyze as run_analysis
+    from reference_agent.analysis import diff as run_diff
+
+    if len(checkpoints) > 2:
+        raise fail("give one checkpoint, or two to compare")
+    results = [run_analysis(p, obs=obs, model=model, hessian=hessian) for p in checkpoints]
+    if len(results) == 2:
+        rows = run_diff(*results)
+        if not rows:
+            raise fail("the two checkpoints share no network and layer to compare")
+        if json_:
+            typer.echo(json.dumps({"a": str(checkpoints[0]), "b": str(checkpoints[1]), "rows": rows}, indent=2))
+            return
+        from rich.table import Table
+
+        table = Table(title=f"{checkpoints[0]} → {checkpoints[1]}")
+        for col in ("network", "l", "layer", "metric", "a", "b", "b − a"):
+            table.add_column(col, justify="left" if col in ("network", "layer", "metric") else "right")
+        for r in rows:
+            table.add_row(r["network"], str(r["index"]), r["layer"], r["metric"],
+                          *(f"{r[k]:.4g}" for k in ("a", "b", "delta")))
+        console.print(table)
+        return
+    result = results[0]
+    if json_:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    for note in result.notes:
+        console.print(f"[dim]{note}[/]", highlight=False)
+    for name, report in result.reports.items():
+        console.print(report.table(title=f"{name} — {result.path}"))
+        for note in report.notes:
+            console.print(f"  {note}", highlight=False)
+
+
+@app.command(name="diff")
+@user_errors
+def diff_cmd(
+    a: Annotated[Path, typer.Argument(help="The earlier checkpoint.")],
+    b: Annotated[Path, typer.Argument(help="The later checkpoint.")],
+    json_: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Compare two checkpoints layer by layer (same as ``probe analyze A B``)."""
+    analyze([a, b], obs=None, model=None, hessian=False, json_=json_)
+
+
+def _summary_table(rows: list[dict[str, Any]], window: int) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"evaluation return, SMA {window}: mean ± half-range over seeds")
+    for col in ("env", "config", "seeds", "final", "best", "best at step"):
+        table.add_column(col, justify="left" if col in ("env", "config") else "right")
+    for r in rows:
+        table.add_row(r["env"], r["config"], str(r["seeds"]),
+                      f"{r['final_mean']:.1f} ± {r['final_spread']:.1f}",
+                      f"{r['best_mean']:.1f} ± {r['best_spread']:.1f}", f"{r['best_step']:,}")
+    return table
+
+
+@app.command()
+@user_errors
+def summarize(
+    dirs: Annotated[list[Path], typer.Argument(help="Run or sweep directories.")],
+    smooth: Annotated[int, typer.Option(min=1, help="Simple-moving-average window, in evaluations.")] = 3,
+    csv_out: Annotated[Path | None, typer.Option("--csv", help="Also write the table to this CSV file.")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Final and best smoothed evaluation return per configuration, over seeds.
+
+    Example:
+
+      probe summarize sweeps/paper-cartpole
+    """
+    import json
+
+    from reference_agent import results
+
+    rows = results.summarize(results.group_curves(results.find_runs(dirs), smooth))
+    if not rows:
+        raise fail("the runs have no evaluation results yet")
+    if csv_out is not None:
+        results.write_csv(csv_out, rows)
+    if json_:
+        typer.echo(json.dumps(rows, indent=2))
+    else:
+        console.print(_summary_table(rows, smooth))
+
+
+@app.command()
+@user_errors
+def plot(
+    dirs: Annotated[list[Path], typer.Argument(help="Run or sweep directories.")],
+    out: Annotated[Path, typer.Option(help="Where the figures (PNG and SVG) and CSV summaries go.")] = Path("figures"),
+    smooth: Annotated[int, typer.Option(min=1, help="Simple-moving-average window, in evaluations.")] = 3,
+) -> None:
+    """Draw the paper's figures (evaluation return, δ × frequency, per-layer plasticity, Q-values,
+    curvature) and write summary.csv, curves.csv and plasticity.csv beside them.
+
+    Example:
+
+      probe plot sweeps/paper --out docs/figures
+    """
+    from reference_agent import plots, results
+
+    runs = results.find_runs(dirs)
+    written = plots.plot_runs(runs, out, smooth)
+    rows = results.summarize(results.group_curves(runs, smooth))
+    results.write_csv(out / "summary.csv", rows)
+    results.write_csv(out / "curves.csv", results.curve_rows(runs))
+    results.write_csv(out / "plasticity.csv", results.plasticity_rows(runs))
+    if rows:
+        console.print(_summary_table(rows, smooth))
+    console.print(f"{len(written)} figures and 3 CSV files in {out}")

@@ -112,7 +112,8 @@ class Report:
         metrics = self.metric_names()
         table = Table(title=title, show_lines=False)
         for col in ("l", "layer", "kind", "params", *metrics):
-            table.add_column(col, justify="left" if col in ("layer", "kind") else "right")
+            header = col.replace("_", "\n")  # narrow columns: one word per line
+            table.add_column(header, justify="left" if col in ("layer", "kind") else "right")
         for r in self.layers:
             table.add_row(
                 str(r.index), r.name, r.kind, str(r.n_params), *(_fmt(r.metrics.get(m)) for m in metrics)

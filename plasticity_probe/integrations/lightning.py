@@ -1,0 +1,94 @@
+"""Lightning: a callback that probes the LightningModule on a fixed batch every N steps.
+
+::
+
+    from plasticity_probe.integrations.lightning import ProbeCallback
+    trainer = L.Trainer(callbacks=[ProbeCallback(every=100)])
+
+Metrics are logged with ``pl_module.log_dict`` as ``plasticity/<layer>/<metric>``, so they
+reach every logger of the trainer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from plasticity_probe.probe import Probe
+from plasticity_probe.report import Report
+
+try:
+    import lightning.pytorch as L
+except ImportError:  # pragma: no cover - exercised only without the extra
+    try:
+        import pytorch_lightning as L  # type: ignore[no-redef]
+    except ImportError as err:
+        raise ImportError(
+            "plasticity_probe.integrations.lightning needs Lightning: pip install 'plasticity-probe[lightning]'"
+        ) from err
+
+__all__ = ["ProbeCallback"]
+
+
+def first_tensor(batch: Any) -> torch.Tensor:
+    """The model input of a batch: the batch itself, or its first element (``(x, y)`` pairs)."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, list | tuple) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    if isinstance(batch, dict) and batch:
+        value = next(iter(batch.values()))
+        if isinstance(value, torch.Tensor):
+            return value
+    raise TypeError("ProbeCallback: cannot find the model input in the batch; pass probe_batch=")
+
+
+class ProbeCallback(L.Callback):
+    """Every ``every`` training steps, measure ``pl_module`` on a fixed probe batch.
+
+    Args:
+        every: training steps (``trainer.global_step``) between reports.
+        probe_batch: the fixed input; default: the first ``max_samples`` inputs of the first batch.
+        metrics: per-layer metrics (default: ``Probe``'s).
+        layers: module paths to probe (default: all layers).
+        eval_mode: measure in eval mode (dropout off), restoring the mode afterwards.
+        input_fn: picks the model input from a batch (default: :func:`first_tensor`).
+    """
+
+    def __init__(
+        self,
+        every: int = 100,
+        probe_batch: torch.Tensor | None = None,
+        metrics: Sequence[str] | None = None,
+        layers: Sequence[str] | None = None,
+        eval_mode: bool = False,
+        max_samples: int = 512,
+        input_fn: Callable[[Any], torch.Tensor] = first_tensor,
+    ) -> None:
+        super().__init__()
+        if every < 1:
+            raise ValueError("every must be >= 1")
+        self.every, self.probe_batch, self.metrics, self.layers = every, probe_batch, metrics, layers
+        self.eval_mode, self.max_samples, self.input_fn = eval_mode, max_samples, input_fn
+        self.last_report: Report | None = None
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.probe_batch is None:
+            self.probe_batch = self.input_fn(batch)[: self.max_samples].detach().clone()
+        if trainer.global_step % self.every != 0:
+            return
+        was_training = pl_module.training
+        if self.eval_mode:
+            pl_module.eval()
+        try:
+            probe = Probe(pl_module, layers=self.layers, metrics=self.metrics, probe_batch=self.probe_batch.to(pl_module.device))
+            report = probe.measure()
+        finally:
+            pl_module.train(was_training)
+        self.last_report = report
+        values = {f"plasticity/{r['layer']}/{r['metric']}": float(r["value"]) for r in report.rows()}
+        pl_module.log_dict(values, on_step=True, on_epoch=False)

@@ -1,0 +1,162 @@
+"""Stable-Baselines3: a probing callback and a DQN whose loss carries the successive penalty.
+
+::
+
+    from plasticity_probe.integrations.sb3 import ProbeCallback, RegularizedDQN
+
+    model = RegularizedDQN("MlpPolicy", "CartPole-v1", penalty="l2init", lam=0.01, delta=1.25)
+    model.learn(50_000, callback=ProbeCallback(every=1000))
+
+Metrics reach SB3's own logger as ``plasticity/<network>/<layer>/<metric>`` (so its CSV and
+TensorBoard outputs get them) and, optionally, our sinks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from plasticity_probe.probe import Probe
+from plasticity_probe.regularizers import SuccessiveRegularizer
+
+try:
+    from stable_baselines3 import DQN
+    from stable_baselines3.common.buffers import ReplayBuffer, RolloutBuffer
+    from stable_baselines3.common.callbacks import BaseCallback
+except ImportError as err:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "plasticity_probe.integrations.sb3 needs Stable-Baselines3: pip install 'plasticity-probe[sb3]'"
+    ) from err
+
+__all__ = ["ProbeCallback", "RegularizedDQN", "probed_networks"]
+
+
+def probed_networks(policy: nn.Module) -> dict[str, nn.Module]:
+    """The networks worth probing in an SB3 policy: the Q-network of DQN, actor and critic of
+    SAC/TD3/DDPG, or the whole actor-critic policy of PPO/A2C."""
+    if hasattr(policy, "q_net") and isinstance(policy.q_net, nn.Module):
+        return {"q_net": policy.q_net}
+    nets = {name: getattr(policy, name) for name in ("actor", "critic") if isinstance(getattr(policy, name, None), nn.Module)}
+    return nets or {"policy": policy}
+
+
+class ProbeCallback(BaseCallback):
+    """Every ``every`` timesteps, probe the policy's networks on a fixed batch of observations
+    drawn once from the replay buffer (off-policy) or rollout buffer (on-policy).
+
+    Args:
+        every: timesteps between reports.
+        batch_size: observations in the fixed probe batch.
+        metrics: per-layer metrics (default: ``Probe``'s).
+        sinks: extra writers (``JsonlSink``, ``CsvSink``, ``TensorBoardSink``).
+        prefix: logger key prefix.
+    """
+
+    def __init__(
+        self,
+        every: int = 1000,
+        batch_size: int = 256,
+        metrics: Sequence[str] | None = None,
+        sinks: Sequence[Any] = (),
+        prefix: str = "plasticity",
+        seed: int = 0,
+        verbose: int = 0,
+    ) -> None:
+        super().__init__(verbose)
+        if every < 1 or batch_size < 1:
+            raise ValueError("every and batch_size must be >= 1")
+        self.every, self.batch_size, self.metrics = every, batch_size, metrics
+        self.sinks, self.prefix, self.seed = list(sinks), prefix, seed
+        self.probe_batch: torch.Tensor | None = None
+        self.last_reports: dict[str, Any] = {}
+
+    def _draw_batch(self) -> torch.Tensor | None:
+        rng = np.random.default_rng(self.seed)
+        buffer = getattr(self.model, "replay_buffer", None)
+        if isinstance(buffer, ReplayBuffer):
+            size = buffer.buffer_size if buffer.full else buffer.pos
+            if size == 0:
+                return None
+            obs = buffer.observations[:size].reshape(size * buffer.n_envs, *buffer.obs_shape)
+        else:
+            rollout = getattr(self.model, "rollout_buffer", None)
+            if not isinstance(rollout, RolloutBuffer) or (rollout.pos == 0 and not rollout.full):
+                return None
+            size = rollout.buffer_size if rollout.full else rollout.pos
+            obs = rollout.observations[:size].reshape(-1, *rollout.obs_shape)
+        idx = rng.choice(len(obs), size=min(self.batch_size, len(obs)), replace=False)
+        return torch.as_tensor(np.array(obs[idx]), dtype=torch.float32, device=self.model.device)
+
+    def _on_step(self) -> bool:
+        if self.num_timesteps % self.every != 0:
+            return True
+        if self.probe_batch is None:
+            self.probe_batch = self._draw_batch()
+            if self.probe_batch is None:
+                return True
+        for name, net in probed_networks(self.model.policy).items():
+            report = Probe(net, metrics=self.metrics, probe_batch=self.probe_batch).measure()
+            self.last_reports[name] = report
+            for row in report.rows():
+                self.logger.record(f"{self.prefix}/{name}/{row['layer']}/{row['metric']}", row["value"])
+            for sink in self.sinks:
+                sink.write(self.num_timesteps, report, network=name)
+        return True
+
+
+class RegularizedDQN(DQN):
+    """SB3's DQN with ``SuccessiveRegularizer`` added to its TD loss.
+
+    ``train`` performs SB3's DQN update (Huber TD loss against the target network, gradient-norm
+    clipping, Adam step) with ``loss + reg(num_timesteps)``; with ``lam=0`` it reproduces
+    ``DQN`` exactly. ``reg_every`` counts timesteps, like ``target_update_interval``: pass
+    ``reg_every=model.target_update_interval`` for "only on target updates".
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        penalty: str = "l2init",
+        lam: float = 0.01,
+        delta: float = 1.25,
+        reg_every: int = 1,
+        **kwargs: Any,
+    ) -> None:
+        self._reg_settings = {"penalty": penalty, "lam": lam, "delta": delta, "every": reg_every}
+        super().__init__(*args, **kwargs)
+
+    def _setup_model(self) -> None:
+        super()._setup_model()
+        space = self.observation_space
+        example = torch.as_tensor(space.sample()[None], device=self.device).float()
+        self.regularizer = SuccessiveRegularizer(self.q_net, example_input=example, **self._reg_settings)
+
+    def train(self, gradient_steps: int, batch_size: int = 100) -> None:
+        self.policy.set_training_mode(True)
+        self._update_learning_rate(self.policy.optimizer)
+        losses, penalties = [], []
+        for _ in range(gradient_steps):
+            data = self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)  # type: ignore[union-attr]
+            discount = getattr(data, "discounts", None)
+            gamma = self.gamma if discount is None else discount
+            with torch.no_grad():
+                best_next = self.q_net_target(data.next_observations).max(dim=1).values.reshape(-1, 1)
+                targets = data.rewards + (1 - data.dones) * gamma * best_next
+            q_taken = self.q_net(data.observations).gather(1, data.actions.long())
+            td = F.smooth_l1_loss(q_taken, targets)
+            penalty = self.regularizer(self.num_timesteps)
+            self.policy.optimizer.zero_grad()
+            (td + penalty).backward()
+            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+            self.policy.optimizer.step()
+            losses.append(td.item())
+            penalties.append(penalty.item())
+        self._n_updates += gradient_steps
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+        self.logger.record("train/loss", float(np.mean(losses)))
+        self.logger.record("train/penalty", float(np.mean(penalties)))

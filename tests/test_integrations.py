@@ -1,0 +1,139 @@
+"""Third-party trainers: Stable-Baselines3 and Lightning, and the TensorBoard sink."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import plasticity_probe as pp
+
+
+def test_importing_the_library_imports_no_framework() -> None:
+    code = "import sys, plasticity_probe; print(any(m.split('.')[0] in ('stable_baselines3', 'lightning', 'pytorch_lightning') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_sb3_dqn_callback_logs_per_layer_metrics(tmp_path: Path) -> None:
+    sb3 = pytest.importorskip("stable_baselines3", reason="needs the sb3 extra")
+    from stable_baselines3.common.logger import configure
+
+    from plasticity_probe.integrations.sb3 import ProbeCallback
+
+    model = sb3.DQN("MlpPolicy", "CartPole-v1", learning_starts=50, batch_size=32, seed=0,
+                    policy_kwargs={"net_arch": [32, 32]}, verbose=0)
+    model.set_logger(configure(str(tmp_path), ["csv"]))
+    sink_path = tmp_path / "plasticity.jsonl"
+    with pp.JsonlSink(sink_path) as sink:
+        callback = ProbeCallback(every=100, batch_size=64, sinks=[sink])
+        model.learn(400, callback=callback, log_interval=1)
+    report = callback.last_reports["q_net"]
+    assert [r.name for r in report.layers] == ["q_net.0", "q_net.2", "q_net.4"]
+    assert callback.probe_batch is not None and callback.probe_batch.shape == (64, 4)
+    rows = list(csv.DictReader((tmp_path / "progress.csv").open()))
+    key = "plasticity/q_net/q_net.2/effective_rank"
+    logged = [(int(r["time/total_timesteps"]), float(r[key])) for r in rows if r.get(key)]
+    assert logged, "the metric reached SB3's CSV output"
+    written = {
+        row["step"]: row["value"]
+        for row in map(json.loads, sink_path.read_text().splitlines())
+        if row["layer"] == "q_net.2" and row["metric"] == "effective_rank"
+    }
+    for timesteps, value in logged:  # each dump holds the latest measurement before it
+        latest = max(s for s in written if s <= timesteps)
+        assert value == pytest.approx(written[latest])
+        assert 1.0 <= value <= 32.0
+    assert written[400] == report["q_net.2"].metrics["effective_rank"]
+    dead = [float(r["plasticity/q_net/network/dead_fraction"]) for r in rows if r.get("plasticity/q_net/network/dead_fraction")]
+    assert all(0.0 <= d <= 1.0 for d in dead)
+    assert set(written) == {100, 200, 300, 400}
+
+
+def test_regularized_dqn_with_zero_lambda_is_sb3_dqn() -> None:
+    sb3 = pytest.importorskip("stable_baselines3", reason="needs the sb3 extra")
+    from plasticity_probe.integrations.sb3 import RegularizedDQN
+
+    kw = dict(learning_starts=50, batch_size=32, seed=3, policy_kwargs={"net_arch": [16, 16]}, verbose=0)
+    plain = sb3.DQN("MlpPolicy", "CartPole-v1", **kw).learn(300)
+    same = RegularizedDQN("MlpPolicy", "CartPole-v1", penalty="l2", lam=0.0, **kw).learn(300)
+    for a, b in zip(plain.policy.parameters(), same.policy.parameters(), strict=True):
+        assert torch.equal(a, b)
+    reg = RegularizedDQN("MlpPolicy", "CartPole-v1", penalty="l2init", lam=1.0, delta=1.25, **kw).learn(300)
+    assert not all(torch.equal(a, b) for a, b in zip(plain.policy.parameters(), reg.policy.parameters(), strict=True))
+    assert [i.name for i in reg.regularizer.layers] == ["q_net.0", "q_net.2", "q_net.4"]
+    singular = RegularizedDQN("MlpPolicy", "CartPole-v1", penalty="singular", lam=0.01, **kw).learn(200)
+    assert set(singular.regularizer.last_terms) == {"q_net.0", "q_net.2", "q_net.4"}
+
+
+def test_sb3_callback_on_policy_ppo() -> None:
+    sb3 = pytest.importorskip("stable_baselines3", reason="needs the sb3 extra")
+    from plasticity_probe.integrations.sb3 import ProbeCallback
+
+    model = sb3.PPO("MlpPolicy", "CartPole-v1", n_steps=64, batch_size=32, n_epochs=1, seed=0, verbose=0)
+    callback = ProbeCallback(every=64, batch_size=32)
+    model.learn(192, callback=callback)
+    report = callback.last_reports["policy"]
+    assert any(r.name.startswith("mlp_extractor") for r in report.layers)
+
+
+def test_lightning_callback_logs_through_the_trainer(tmp_path: Path) -> None:
+    L = pytest.importorskip("lightning.pytorch", reason="needs the lightning extra")
+    from plasticity_probe.integrations.lightning import ProbeCallback
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _idx: int) -> torch.Tensor:
+            x, y = batch
+            return nn.functional.mse_loss(self(x), y)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 3), torch.randn(64, 1))
+    loader = torch.utils.data.DataLoader(data, batch_size=16)
+    callback = ProbeCallback(every=5, eval_mode=True)
+    trainer = L.Trainer(max_steps=12, callbacks=[callback], logger=L.loggers.CSVLogger(str(tmp_path)),
+                        log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    module = Module()
+    trainer.fit(module, loader)
+    assert module.training  # eval_mode measurements restore train mode
+    report = callback.last_report
+    assert report is not None and [r.name for r in report.layers] == ["net.0", "net.2"]
+    logged = trainer.logged_metrics
+    assert float(logged["plasticity/net.0/effective_rank"]) == pytest.approx(report["net.0"].metrics["effective_rank"], rel=1e-5)
+    assert callback.probe_batch is not None and callback.probe_batch.shape == (16, 3)
+
+
+def test_tensorboard_sink_roundtrip(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard", reason="needs the tensorboard extra")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 1))
+    report = pp.Probe(model, probe_batch=torch.randn(32, 3)).measure()
+    with pp.TensorBoardSink(tmp_path) as sink:
+        sink.write(10, report)
+        sink.write(20, report)
+        sink.write_scalars(20, {"eval/return": 5.0})
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    tag = "plasticity/0/effective_rank"
+    assert tag in acc.Tags()["scalars"]
+    events = acc.Scalars(tag)
+    assert [e.step for e in events] == [10, 20]
+    assert events[0].value == pytest.approx(report["0"].metrics["effective_rank"], rel=1e-6)
+    assert acc.Scalars("eval/return")[0].value == 5.0
