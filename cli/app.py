@@ -50,8 +50,10 @@ def train(
     out: Annotated[Path, typer.Option(help="Parent directory of the run directory.")] = Path("runs"),
     resume: Annotated[
         Path | None,
-        typer.Option(help="Continue the run in this directory from its checkpoint, with its saved config "
-                     "(the configuration options are then ignored)."),
+        typer.Option(
+            help="Continue the run in this directory from its checkpoint, with its saved config "
+            "(the configuration options are then ignored)."
+        ),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar (for scripts).")] = False,
     **config: Any,
@@ -94,7 +96,11 @@ def train(
         raise typer.Exit(130)
 
 
-_base = [p for p in inspect.signature(train).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+_base = [
+    p
+    for p in inspect.signature(train, eval_str=True).parameters.values()
+    if p.kind is not inspect.Parameter.VAR_KEYWORD
+]
 train.__signature__ = inspect.Signature([*_base, *config_parameters()])  # type: ignore[attr-defined]
 train.__annotations__ = {p.name: p.annotation for p in train.__signature__.parameters.values()}  # type: ignore[attr-defined]
 app.command(no_args_is_help=False)(user_errors(train))
@@ -112,9 +118,7 @@ class Preset(str, Enum):
 def sweep(
     preset: Annotated[Preset | None, typer.Option(help="One of the paper's grids.")] = None,
     grid: Annotated[Path | None, typer.Option(help="JSON/TOML file of field = [values].")] = None,
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="A grid axis key=v1,v2 (repeatable).")
-    ] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="A grid axis key=v1,v2 (repeatable).")] = None,
     seeds: Annotated[int, typer.Option(min=1, help="Seeds per configuration.")] = 2,
     steps: Annotated[int | None, typer.Option(help="Override total_steps of every run.")] = None,
     workers: Annotated[int, typer.Option(min=1, help="Parallel worker processes.")] = 2,
@@ -139,10 +143,7 @@ def sweep(
         raise fail("give either --preset or a custom grid (--grid/--set), not both")
     if preset is None and not axes:
         raise fail("give --preset NAME, --grid FILE or --set key=v1,v2")
-    if preset is not None:
-        configs = sw.PRESETS[preset.value](seeds)
-    else:
-        configs = sw.expand_grid(axes, seeds)
+    configs = sw.PRESETS[preset.value](seeds) if preset is not None else sw.expand_grid(axes, seeds)
     if steps is not None:
         configs = [type(c).from_dict({**c.to_dict(), "total_steps": steps}) for c in configs]
     out = out or Path("sweeps") / (preset.value if preset else "custom")
@@ -170,9 +171,15 @@ def main() -> None:
 @user_errors
 def analyze(
     checkpoints: Annotated[list[Path], typer.Argument(help="One checkpoint, or two to compare layer by layer.")],
-    obs: Annotated[Path | None, typer.Option(help="Observations (.npy or .pt, shape N×obs_dim) for activation metrics.")] = None,
-    model: Annotated[str | None, typer.Option(help="Architecture as module:factory (factory() returns the nn.Module).")] = None,
-    hessian: Annotated[bool, typer.Option("--hessian", help="Add TD-loss curvature (reference-agent checkpoints).")] = False,
+    obs: Annotated[
+        Path | None, typer.Option(help="Observations (.npy or .pt, shape N×obs_dim) for activation metrics.")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Architecture as module:factory (factory() returns the nn.Module).")
+    ] = None,
+    hessian: Annotated[
+        bool, typer.Option("--hessian", help="Add TD-loss curvature (reference-agent checkpoints).")
+    ] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     """Plasticity read-out of a checkpoint: agent checkpoints, torch state dicts, SB3 zips,
@@ -207,8 +214,9 @@ def analyze(
         for col in ("network", "l", "layer", "metric", "a", "b", "b − a"):
             table.add_column(col, justify="left" if col in ("network", "layer", "metric") else "right")
         for r in rows:
-            table.add_row(r["network"], str(r["index"]), r["layer"], r["metric"],
-                          *(f"{r[k]:.4g}" for k in ("a", "b", "delta")))
+            table.add_row(
+                r["network"], str(r["index"]), r["layer"], r["metric"], *(f"{r[k]:.4g}" for k in ("a", "b", "delta"))
+            )
         console.print(table)
         return
     result = results[0]
@@ -241,9 +249,14 @@ def _summary_table(rows: list[dict[str, Any]], window: int) -> Any:
     for col in ("env", "config", "seeds", "final", "best", "best at step"):
         table.add_column(col, justify="left" if col in ("env", "config") else "right")
     for r in rows:
-        table.add_row(r["env"], r["config"], str(r["seeds"]),
-                      f"{r['final_mean']:.1f} ± {r['final_spread']:.1f}",
-                      f"{r['best_mean']:.1f} ± {r['best_spread']:.1f}", f"{r['best_step']:,}")
+        table.add_row(
+            r["env"],
+            r["config"],
+            str(r["seeds"]),
+            f"{r['final_mean']:.1f} ± {r['final_spread']:.1f}",
+            f"{r['best_mean']:.1f} ± {r['best_spread']:.1f}",
+            f"{r['best_step']:,}",
+        )
     return table
 
 

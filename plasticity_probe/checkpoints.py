@@ -18,6 +18,7 @@ refused with the reason; there is no unsafe fallback.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 import pickle
@@ -92,8 +93,12 @@ def _is_state_dict(obj: Any) -> bool:
 def _from_torch_object(path: Path, data: Any) -> LoadedCheckpoint:
     if isinstance(data, Mapping) and data.get("format") == AGENT_FORMAT:
         return LoadedCheckpoint(
-            path, "agent", {"online": dict(data["online"]), "target": dict(data["target"])},
-            init=dict(data["init"]), config=dict(data["config"]), probe_batch=data.get("probe_batch"),
+            path,
+            "agent",
+            {"online": dict(data["online"]), "target": dict(data["target"])},
+            init=dict(data["init"]),
+            config=dict(data["config"]),
+            probe_batch=data.get("probe_batch"),
             metadata={"step": data.get("step"), "versions": data.get("versions", {})},
         )
     if _is_state_dict(data):
@@ -219,10 +224,13 @@ def weight_report(state_dict: StateDict, init: StateDict | None = None) -> Repor
         if init is not None:
             prefix = "" if name == "(root)" else name + "."
             pairs = [(t, init.get(prefix + k)) for k, t in tensors.items() if t.is_floating_point()]
-            if all(p0 is not None and p0.shape == t.shape for t, p0 in pairs):
-                values["distance_from_init"] = math.sqrt(
-                    sum(float(((t.double() - p0.double()) ** 2).sum()) for t, p0 in pairs)  # type: ignore[union-attr]
-                )
+            squared = 0.0
+            for t, p0 in pairs:
+                if p0 is None or p0.shape != t.shape:
+                    break
+                squared += float(((t.double() - p0.double()) ** 2).sum())
+            else:
+                values["distance_from_init"] = math.sqrt(squared)
         kind = "linear" if w is not None and w.ndim == 2 else "conv" if w is not None and w.ndim > 2 else "other"
         records.append(LayerRecord(name, index, kind, sum(t.numel() for t in params), None, values))
     network = {"weight_magnitude": M.weight_magnitude(all_params), "mean_abs_weight": M.mean_abs_weight(all_params)}
@@ -240,7 +248,7 @@ def mlp_from_state_dict(state_dict: StateDict) -> tuple[nn.Sequential, dict[str,
         if w is None or w.ndim != 2 or set(tensors) - {"weight", "bias"}:
             return None
         shapes.append((name, w.shape[1], w.shape[0], "bias" in tensors))
-    if not shapes or any(a[2] != b[1] for a, b in zip(shapes, shapes[1:], strict=False)):
+    if not shapes or any(a[2] != b[1] for a, b in itertools.pairwise(shapes)):
         return None
     modules: list[nn.Module] = []
     names: dict[str, str] = {}

@@ -176,7 +176,7 @@ class Probe:
                 notes.append(f"network: {spec.condition_note}")
         return Report(records, network, self._skipped + self._not_called, notes)
 
-    def _weight_metrics(self, module: nn.Module, params: list[torch.Tensor]) -> dict[str, float]:
+    def _weight_metrics(self, module: nn.Module, params: Sequence[torch.Tensor]) -> dict[str, float]:
         values: dict[str, float] = {}
         if "weight_magnitude" in self.metrics:
             values["weight_magnitude"] = M.weight_magnitude(params)
@@ -215,8 +215,7 @@ class Probe:
                 network["dead_fraction"] = sum(dead) / total
             if "dormant_fraction" in self.metrics:
                 dormant = [
-                    M.dormant_fraction(h, self.dormant_tau) * u.shape[1]
-                    for h, u in zip(hidden, units, strict=True)
+                    M.dormant_fraction(h, self.dormant_tau) * u.shape[1] for h, u in zip(hidden, units, strict=True)
                 ]
                 network["dormant_fraction"] = sum(dormant) / total
         return network

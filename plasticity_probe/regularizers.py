@@ -52,9 +52,7 @@ def l2_penalty(params: Sequence[torch.Tensor], squared: bool = True) -> torch.Te
     return sq if squared else sq.sqrt()
 
 
-def l2init_penalty(
-    params: Sequence[torch.Tensor], init: Sequence[torch.Tensor], squared: bool = True
-) -> torch.Tensor:
+def l2init_penalty(params: Sequence[torch.Tensor], init: Sequence[torch.Tensor], squared: bool = True) -> torch.Tensor:
     """``‖θ − θ_0‖₂²`` (``‖θ − θ_0‖₂`` with ``squared=False``), Kumar, Marklund & Van Roy (2023)."""
     sq = torch.stack([(p - p0).pow(2).sum() for p, p0 in zip(params, init, strict=True)]).sum()
     return sq if squared else sq.sqrt()
@@ -121,9 +119,7 @@ class SuccessiveRegularizer:
         try:
             self.penalty = Penalty(penalty)
         except ValueError:
-            raise ValueError(
-                f"unknown penalty {penalty!r}; choose one of {[p.value for p in Penalty]}"
-            ) from None
+            raise ValueError(f"unknown penalty {penalty!r}; choose one of {[p.value for p in Penalty]}") from None
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
         if lam < 0 or delta <= 0:
@@ -135,13 +131,10 @@ class SuccessiveRegularizer:
         self.squared, self.per_tensor_index = squared, per_tensor_index
         self.selected = list(layers) if layers is not None else None
         candidates, _ = layer_candidates(model)
-        self._hooks = FeatureHooks(
-            model, candidates, detach=False, active=torch.is_grad_enabled
-        ).attach()
+        self._hooks = FeatureHooks(model, candidates, detach=False, active=torch.is_grad_enabled).attach()
         self._layers: list[LayerInfo] | None = None
         self.init: dict[str, list[torch.Tensor]] = {
-            name: [p.detach().clone() for p in m.parameters(recurse=False)]
-            for name, m in candidates.items()
+            name: [p.detach().clone() for p in m.parameters(recurse=False)] for name, m in candidates.items()
         }
         self.last_terms: dict[str, torch.Tensor] = {}
         if example_input is not None:
@@ -226,7 +219,7 @@ class SuccessiveRegularizer:
                 k += 1
         return terms
 
-    def _init_on(self, name: str, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _init_on(self, name: str, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         init = self.init[name]
         if init and (init[0].device != params[0].device or init[0].dtype != params[0].dtype):
             init = [p0.to(device=p.device, dtype=p.dtype) for p0, p in zip(init, params, strict=True)]

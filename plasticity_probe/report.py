@@ -115,13 +115,14 @@ class Report:
             header = col.replace("_", "\n")  # narrow columns: one word per line
             table.add_column(header, justify="left" if col in ("layer", "kind") else "right")
         for r in self.layers:
-            table.add_row(
-                str(r.index), r.name, r.kind, str(r.n_params), *(_fmt(r.metrics.get(m)) for m in metrics)
-            )
+            table.add_row(str(r.index), r.name, r.kind, str(r.n_params), *(_fmt(r.metrics.get(m)) for m in metrics))
         if self.network:
             extra = [m for m in self.network if m not in metrics]
             table.add_row(
-                "", NETWORK, "", str(sum(r.n_params for r in self.layers)),
+                "",
+                NETWORK,
+                "",
+                str(sum(r.n_params for r in self.layers)),
                 *(_fmt(self.network.get(m)) for m in metrics),
             )
             for m in extra:

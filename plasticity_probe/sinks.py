@@ -96,9 +96,7 @@ class TensorBoardSink:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as err:
-            raise ImportError(
-                "TensorBoardSink needs tensorboard: pip install 'plasticity-probe[tensorboard]'"
-            ) from err
+            raise ImportError("TensorBoardSink needs tensorboard: pip install 'plasticity-probe[tensorboard]'") from err
         self.prefix = prefix
         self._writer = SummaryWriter(log_dir=str(logdir))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,10 +67,10 @@ def load_observations(path: Path) -> torch.Tensor:
         obs = torch.from_numpy(np.asarray(array, dtype=np.float32))
     elif path.suffix == ".pt":
         data = torch.load(path, map_location="cpu", weights_only=True)
-        obs = data.get("obs") if isinstance(data, dict) else data
-        if not isinstance(obs, torch.Tensor):
+        found = data.get("obs") if isinstance(data, dict) else data
+        if not isinstance(found, torch.Tensor):
             raise CheckpointError(f"--obs: {path} holds no tensor (or dict with 'obs')")
-        obs = obs.float()
+        obs = found.float()
     else:
         raise CheckpointError(f"--obs: {path} must be a .npy or .pt file")
     if obs.ndim != 2 or obs.shape[0] == 0:
@@ -95,9 +96,7 @@ def load_factory(spec: str) -> nn.Module:
 
 def _check_obs(obs: torch.Tensor, n_inputs: int, net: str) -> None:
     if obs.shape[1] != n_inputs:
-        raise CheckpointError(
-            f"--obs has {obs.shape[1]} features per sample but network {net!r} expects {n_inputs}"
-        )
+        raise CheckpointError(f"--obs has {obs.shape[1]} features per sample but network {net!r} expects {n_inputs}")
 
 
 def _first_linear_inputs(model: nn.Module) -> int | None:
@@ -105,7 +104,9 @@ def _first_linear_inputs(model: nn.Module) -> int | None:
     return first.in_features if first is not None else None
 
 
-def _agent_reports(ckpt: LoadedCheckpoint, obs: torch.Tensor | None, hessian: bool) -> tuple[dict[str, pp.Report], list[str]]:
+def _agent_reports(
+    ckpt: LoadedCheckpoint, obs: torch.Tensor | None, hessian: bool
+) -> tuple[dict[str, pp.Report], list[str]]:
     assert ckpt.config is not None
     cfg = DQNConfig.from_dict(ckpt.config)
     online_sd = ckpt.networks["online"]
@@ -124,6 +125,15 @@ def _agent_reports(ckpt: LoadedCheckpoint, obs: torch.Tensor | None, hessian: bo
         notes.append(f"activation metrics on --obs ({obs.shape[0]} samples)")
     elif pb is not None:
         notes.append(f"activation metrics on the stored probe batch ({pb['obs'].shape[0]} transitions)")
+    loss_fn: Callable[[], torch.Tensor] | None = None
+    if hessian:
+        if pb is None:
+            raise CheckpointError("--hessian needs the checkpoint's probe batch; this one has none")
+        batch = Batch(**pb)
+
+        def loss_fn() -> torch.Tensor:
+            return td_loss(nets["online"], nets["target"], batch, cfg.gamma)[0]
+
     reports = {}
     for name, net in nets.items():
         init = ckpt.init if name == "online" else None
@@ -131,13 +141,10 @@ def _agent_reports(ckpt: LoadedCheckpoint, obs: torch.Tensor | None, hessian: bo
             reports[name] = weight_report(dict(net.state_dict()), init)
             continue
         probe = pp.Probe(net, probe_batch=batch_obs, metrics=[*DEFAULT_METRICS, "weight_stable_rank"])
-        loss_fn = None
-        if hessian and name == "online":
-            if pb is None:
-                raise CheckpointError("--hessian needs the checkpoint's probe batch; this one has none")
-            batch = Batch(**pb)
-            loss_fn = lambda: td_loss(nets["online"], nets["target"], batch, cfg.gamma)[0]  # noqa: E731
-        report = probe.measure(loss_fn=loss_fn, hessian=loss_fn is not None, hessian_kwargs={"trace_samples": 20})
+        use_hessian = loss_fn is not None and name == "online"
+        report = probe.measure(
+            loss_fn=loss_fn if use_hessian else None, hessian=use_hessian, hessian_kwargs={"trace_samples": 20}
+        )
         if init is not None:
             weights = weight_report(dict(net.state_dict()), init)
             for record in report.layers:
@@ -178,7 +185,9 @@ def analyze(
         elif observations is not None:
             rebuilt = mlp_from_state_dict(sd)
             if rebuilt is None:
-                notes.append(f"{name}: not a chain of linear layers; give --model module:factory for activation metrics")
+                notes.append(
+                    f"{name}: not a chain of linear layers; give --model module:factory for activation metrics"
+                )
             else:
                 net = rebuilt[0]
                 notes.append(f"{name}: rebuilt as an MLP from the weight shapes, ReLU between layers assumed")
@@ -188,8 +197,9 @@ def analyze(
         n_inputs = _first_linear_inputs(net)
         if n_inputs is not None:
             _check_obs(observations, n_inputs, name)
-        reports[name] = pp.Probe(net, probe_batch=observations,
-                                 metrics=[*DEFAULT_METRICS, "weight_stable_rank"]).measure()
+        reports[name] = pp.Probe(
+            net, probe_batch=observations, metrics=[*DEFAULT_METRICS, "weight_stable_rank"]
+        ).measure()
     return Analysis(ckpt.path, ckpt.kind, reports, notes, ckpt.metadata)
 
 
@@ -205,6 +215,15 @@ def diff(a: Analysis, b: Analysis) -> list[dict[str, Any]]:
             if key in ia:
                 va, vb = ia[key]["value"], row["value"]
                 delta = vb - va if isinstance(va, int | float) and isinstance(vb, int | float) else math.nan
-                rows.append({"network": net, "layer": row["layer"], "index": row["index"],
-                             "metric": row["metric"], "a": va, "b": vb, "delta": delta})
+                rows.append(
+                    {
+                        "network": net,
+                        "layer": row["layer"],
+                        "index": row["index"],
+                        "metric": row["metric"],
+                        "a": va,
+                        "b": vb,
+                        "delta": delta,
+                    }
+                )
     return sorted(rows, key=lambda r: (r["network"], r["index"] or 10**9, r["metric"]))

@@ -90,8 +90,16 @@ class DQNConfig:
         self.reg_every = RegEvery(self.reg_every)
         self.hidden_sizes = tuple(int(h) for h in self.hidden_sizes)
         problems = []
-        for name in ("total_steps", "batch_size", "target_update_period", "eval_episodes", "log_every",
-                     "checkpoint_every", "threads", "eval_every"):
+        for name in (
+            "total_steps",
+            "batch_size",
+            "target_update_period",
+            "eval_episodes",
+            "log_every",
+            "checkpoint_every",
+            "threads",
+            "eval_every",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")
         for name in ("learning_starts", "buffer_size", "probe_every", "hessian_every", "probe_batch_size"):

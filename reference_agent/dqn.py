@@ -159,8 +159,13 @@ def train(
     if cfg.reg is not Reg.none:  # built on θ_0, before any update: l2init regularizes toward it
         every = cfg.target_update_period if cfg.reg_every is RegEvery.target else 1
         reg = pp.SuccessiveRegularizer(
-            q, cfg.reg.value, cfg.lam, cfg.delta, every=every,
-            squared=cfg.reg_squared, example_input=torch.zeros(1, obs_dim),
+            q,
+            cfg.reg.value,
+            cfg.lam,
+            cfg.delta,
+            every=every,
+            squared=cfg.reg_squared,
+            example_input=torch.zeros(1, obs_dim),
         )
     optimizer = torch.optim.Adam(q.parameters(), lr=cfg.learning_rate, fused=True)
     buffer = ReplayBuffer(cfg.capacity, obs_dim)
@@ -201,25 +206,42 @@ def train(
 
     def status(state: str, message: str = "") -> None:
         elapsed = time.perf_counter() - started
-        rundir.write_json(run_dir / rundir.STATUS, {
-            "state": state, "step": step, "total_steps": cfg.total_steps, "message": message,
-            "steps_per_s": (step - start_step) / elapsed if elapsed > 0 else None,
-        })
+        rundir.write_json(
+            run_dir / rundir.STATUS,
+            {
+                "state": state,
+                "step": step,
+                "total_steps": cfg.total_steps,
+                "message": message,
+                "steps_per_s": (step - start_step) / elapsed if elapsed > 0 else None,
+            },
+        )
 
     def checkpoint() -> None:
         if not bool(torch.isfinite(stats).all()):  # never overwrite a good checkpoint with NaN weights
             raise DivergenceError(f"TD loss became non-finite before step {step}")
-        save_checkpoint(ckpt_path, {
-            "config": cfg.to_dict(), "versions": package_versions(), "step": step,
-            "online": q.state_dict(), "target": target.state_dict(), "init": init_state,
-            "optimizer": optimizer.state_dict(),
-            "rng": {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()},
-            "episode": {"index": episode, "actions": torch.tensor(ep_actions, dtype=torch.int64),
-                        "return": ep_return, "length": len(ep_actions)},
-            "buffer": buffer.state_dict(),
-            "probe_batch": probe_batch.as_dict() if probe_batch is not None else None,
-            "stats": {"sums": stats.clone(), "count": stats_count},
-        })
+        save_checkpoint(
+            ckpt_path,
+            {
+                "config": cfg.to_dict(),
+                "versions": package_versions(),
+                "step": step,
+                "online": q.state_dict(),
+                "target": target.state_dict(),
+                "init": init_state,
+                "optimizer": optimizer.state_dict(),
+                "rng": {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()},
+                "episode": {
+                    "index": episode,
+                    "actions": torch.tensor(ep_actions, dtype=torch.int64),
+                    "return": ep_return,
+                    "length": len(ep_actions),
+                },
+                "buffer": buffer.state_dict(),
+                "probe_batch": probe_batch.as_dict() if probe_batch is not None else None,
+                "stats": {"sums": stats.clone(), "count": stats_count},
+            },
+        )
 
     def probe_online(t: int) -> None:
         assert probe_batch is not None
@@ -250,8 +272,15 @@ def train(
                 step += 1
                 t = step
                 if terminated or truncated:
-                    metrics.write_record({"step": t, "kind": "train_episode", "episode": episode,
-                                          "return": ep_return, "length": len(ep_actions)})
+                    metrics.write_record(
+                        {
+                            "step": t,
+                            "kind": "train_episode",
+                            "episode": episode,
+                            "return": ep_return,
+                            "length": len(ep_actions),
+                        }
+                    )
                     episode, ep_actions, ep_return = episode + 1, [], 0.0
                     obs, _ = env.reset(seed=episode_seed(cfg.seed, 0, episode))
 
@@ -278,8 +307,15 @@ def train(
                     loss_mean, q_mean, y_mean = (stats / stats_count).tolist()
                     if not all(map(math.isfinite, (loss_mean, q_mean, y_mean))):
                         raise DivergenceError(f"TD loss became {loss_mean} by step {t}")
-                    record = {"step": t, "kind": "update", "loss": loss_mean, "q_mean": q_mean,
-                              "target_mean": y_mean, "epsilon": epsilon(t, cfg), "updates": stats_count}
+                    record = {
+                        "step": t,
+                        "kind": "update",
+                        "loss": loss_mean,
+                        "q_mean": q_mean,
+                        "target_mean": y_mean,
+                        "epsilon": epsilon(t, cfg),
+                        "updates": stats_count,
+                    }
                     if reg is not None:
                         record["reg_terms"] = {k: float(v) for k, v in reg.last_terms.items()}
                     metrics.write_record(record)
@@ -287,13 +323,23 @@ def train(
                 if t % cfg.log_every == 0:
                     status("running")
                 if t % cfg.eval_every == 0 or t == cfg.total_steps:
-                    returns = evaluate(q, eval_env, cfg.seed, (t // cfg.eval_every) * cfg.eval_episodes,
-                                       cfg.eval_episodes)
+                    returns = evaluate(
+                        q, eval_env, cfg.seed, (t // cfg.eval_every) * cfg.eval_episodes, cfg.eval_episodes
+                    )
                     last_eval = float(np.mean(returns))
-                    metrics.write_record({"step": t, "kind": "eval", "return_mean": last_eval,
-                                          "return_std": float(np.std(returns)), "returns": returns})
-                if probe_batch is not None and cfg.probe_every and (
-                    t % cfg.probe_every == 0 or t == cfg.learning_starts
+                    metrics.write_record(
+                        {
+                            "step": t,
+                            "kind": "eval",
+                            "return_mean": last_eval,
+                            "return_std": float(np.std(returns)),
+                            "returns": returns,
+                        }
+                    )
+                if (
+                    probe_batch is not None
+                    and cfg.probe_every
+                    and (t % cfg.probe_every == 0 or t == cfg.learning_starts)
                 ):
                     probe_online(t)
                 if t % cfg.checkpoint_every == 0 or t == cfg.total_steps:

@@ -126,10 +126,15 @@ def _labels(runs: list[Run]) -> dict[str, str]:
 
 
 def _plasticity_figure(plt: Any, runs: list[Run], env: str, out: Path) -> list[Path]:
-    layers = sorted({row["layer"] for r in runs for row in r.plasticity if row["layer"] != "network"},
-                    key=lambda name: next(row["index"] for r in runs for row in r.plasticity if row["layer"] == name))
-    metrics = [("weight_magnitude", "weight magnitude ‖θ‖₂"), ("effective_rank", "effective rank"),
-               ("dead_fraction", "dead-unit fraction")]
+    layers = sorted(
+        {row["layer"] for r in runs for row in r.plasticity if row["layer"] != "network"},
+        key=lambda name: next(row["index"] for r in runs for row in r.plasticity if row["layer"] == name),
+    )
+    metrics = [
+        ("weight_magnitude", "weight magnitude ‖θ‖₂"),
+        ("effective_rank", "effective rank"),
+        ("dead_fraction", "dead-unit fraction"),
+    ]
     if not layers:
         return []
     names = _labels(runs)

@@ -112,17 +112,19 @@ def summarize(curves: list[GroupCurve]) -> list[dict[str, Any]]:
         final = c.returns[:, -1]
         best_step = int(np.argmax(c.mean))
         best = c.returns[:, best_step]
-        rows.append({
-            "env": c.env_id,
-            "config": c.group.split("__", 1)[1],
-            "seeds": int(c.returns.shape[0]),
-            "last_step": int(c.steps[-1]),
-            "final_mean": float(final.mean()),
-            "final_spread": float((final.max() - final.min()) / 2),
-            "best_mean": float(c.mean[best_step]),
-            "best_spread": float((best.max() - best.min()) / 2),
-            "best_step": int(c.steps[best_step]),
-        })
+        rows.append(
+            {
+                "env": c.env_id,
+                "config": c.group.split("__", 1)[1],
+                "seeds": int(c.returns.shape[0]),
+                "last_step": int(c.steps[-1]),
+                "final_mean": float(final.mean()),
+                "final_spread": float((final.max() - final.min()) / 2),
+                "best_mean": float(c.mean[best_step]),
+                "best_spread": float((best.max() - best.min()) / 2),
+                "best_step": int(c.steps[best_step]),
+            }
+        )
     return sorted(rows, key=lambda r: (r["env"], -r["best_mean"]))
 
 
@@ -133,26 +135,33 @@ def plasticity_series(runs: list[Run], metric: str, layer: str) -> dict[str, tup
         for row in run.plasticity:
             if row["metric"] == metric and row["layer"] == layer and row["value"] is not None:
                 acc[run.group][row["step"]].append(row["value"])
-    return {
-        g: (np.array(sorted(d)), np.array([float(np.mean(d[s])) for s in sorted(d)])) for g, d in acc.items()
-    }
+    return {g: (np.array(sorted(d)), np.array([float(np.mean(d[s])) for s in sorted(d)])) for g, d in acc.items()}
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
+
     def write(f: Any) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
     rundir.atomic_write(path, write, mode="w")
 
 
 def curve_rows(runs: list[Run]) -> list[dict[str, Any]]:
     """Raw (unsmoothed) evaluation returns, one row per (run, step)."""
     return [
-        {"env": r.config.env_id, "config": r.group.split("__", 1)[1], "seed": r.config.seed, "step": s, "eval_return": v}
-        for r in runs for s, v in r.evals
+        {
+            "env": r.config.env_id,
+            "config": r.group.split("__", 1)[1],
+            "seed": r.config.seed,
+            "step": s,
+            "eval_return": v,
+        }
+        for r in runs
+        for s, v in r.evals
     ]
 
 
@@ -162,8 +171,18 @@ def plasticity_rows(runs: list[Run]) -> list[dict[str, Any]]:
     for r in runs:
         for row in r.plasticity:
             if row["value"] is not None and math.isfinite(row["value"]):
-                acc[(r.config.env_id, r.group.split("__", 1)[1], row["step"], row["layer"], row["metric"])].append(row["value"])
+                acc[(r.config.env_id, r.group.split("__", 1)[1], row["step"], row["layer"], row["metric"])].append(
+                    row["value"]
+                )
     return [
-        {"env": k[0], "config": k[1], "step": k[2], "layer": k[3], "metric": k[4], "mean": float(np.mean(v)), "seeds": len(v)}
+        {
+            "env": k[0],
+            "config": k[1],
+            "step": k[2],
+            "layer": k[3],
+            "metric": k[4],
+            "mean": float(np.mean(v)),
+            "seeds": len(v),
+        }
         for k, v in sorted(acc.items())
     ]

@@ -11,13 +11,14 @@ from __future__ import annotations
 import itertools
 import json
 import time
-import tomllib
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from reference_agent import rundir
 from reference_agent.config import DQNConfig, Reg, RegEvery
@@ -40,8 +41,17 @@ def paper_lunarlander(seeds: int = 2) -> list[DQNConfig]:
     for seed in range(seeds):
         configs.append(DQNConfig(env_id="LunarLander-v3", seed=seed, hessian_every=PAPER_HESSIAN_EVERY))
         for reg, delta, every in itertools.product(PAPER_PENALTIES, PAPER_DELTAS, RegEvery):
-            configs.append(DQNConfig(env_id="LunarLander-v3", seed=seed, reg=reg, lam=paper_lam(reg),
-                                     delta=delta, reg_every=every, hessian_every=PAPER_HESSIAN_EVERY))
+            configs.append(
+                DQNConfig(
+                    env_id="LunarLander-v3",
+                    seed=seed,
+                    reg=reg,
+                    lam=paper_lam(reg),
+                    delta=delta,
+                    reg_every=every,
+                    hessian_every=PAPER_HESSIAN_EVERY,
+                )
+            )
     return configs
 
 
@@ -52,8 +62,11 @@ def paper_transfer(env_id: str, seeds: int = 2) -> list[DQNConfig]:
     for seed in range(seeds):
         configs.append(DQNConfig(env_id=env_id, seed=seed, hessian_every=PAPER_HESSIAN_EVERY))
         for reg in (Reg.l2init, Reg.singular):
-            configs.append(DQNConfig(env_id=env_id, seed=seed, reg=reg, lam=paper_lam(reg), delta=1.25,
-                                     hessian_every=PAPER_HESSIAN_EVERY))
+            configs.append(
+                DQNConfig(
+                    env_id=env_id, seed=seed, reg=reg, lam=paper_lam(reg), delta=1.25, hessian_every=PAPER_HESSIAN_EVERY
+                )
+            )
     return configs
 
 
@@ -173,15 +186,17 @@ def run_sweep(
             todo.append(cfg)
 
     def record() -> None:
-        rundir.write_json(sweep_file, {
-            "runs": [c.to_dict() for c in configs],
-            "outcomes": {n: {"state": o.state, "message": o.message} for n, o in outcomes.items()},
-        })
+        rundir.write_json(
+            sweep_file,
+            {
+                "runs": [c.to_dict() for c in configs],
+                "outcomes": {n: {"state": o.state, "message": o.message} for n, o in outcomes.items()},
+            },
+        )
 
     def report_progress() -> None:
         if progress is not None:
-            done = sum(c.total_steps if c.run_name in outcomes else run_step(out_dir / c.run_name)
-                       for c in configs)
+            done = sum(c.total_steps if c.run_name in outcomes else run_step(out_dir / c.run_name) for c in configs)
             progress(done, sum(c.total_steps for c in configs), len(outcomes), len(configs))
 
     record()

@@ -19,8 +19,16 @@ from reference_agent.envs import EnvError, make_env
 from reference_agent.replay import Batch, ReplayBuffer
 
 TINY = dict(
-    total_steps=1500, learning_starts=300, batch_size=32, eval_every=500, eval_episodes=2,
-    probe_every=300, probe_batch_size=64, checkpoint_every=400, log_every=100, target_update_period=100,
+    total_steps=1500,
+    learning_starts=300,
+    batch_size=32,
+    eval_every=500,
+    eval_episodes=2,
+    probe_every=300,
+    probe_batch_size=64,
+    checkpoint_every=400,
+    log_every=100,
+    target_update_period=100,
 )
 
 
@@ -87,7 +95,13 @@ def test_run_directory_layout_and_records(tmp_path: Path) -> None:
     result = train(cfg, tmp_path / cfg.run_name)
     run = result.run_dir
     assert result.state == "finished" and result.step == 1500
-    assert {p.name for p in run.iterdir()} == {"config.json", "status.json", "metrics.jsonl", "plasticity.jsonl", "checkpoint.pt"}
+    assert {p.name for p in run.iterdir()} == {
+        "config.json",
+        "status.json",
+        "metrics.jsonl",
+        "plasticity.jsonl",
+        "checkpoint.pt",
+    }
     config = json.loads((run / "config.json").read_text())
     assert config["config"]["seed"] == 0 and "torch" in config["versions"]
     records = list(rundir.read_jsonl(run / "metrics.jsonl"))
@@ -152,7 +166,7 @@ def test_resume_after_crash_drops_records_past_the_checkpoint(tmp_path: Path) ->
     partial = train(cut, tmp_path / "partial", progress=lambda s, *_: s == 1000 and os.kill(os.getpid(), signal.SIGINT))
     assert partial.step == 1000
     with (tmp_path / "partial" / "metrics.jsonl").open("a") as f:
-        f.write(json.dumps({"step": 1050, "kind": "eval", "return_mean": 1e9}) + "\n{\"torn")
+        f.write(json.dumps({"step": 1050, "kind": "eval", "return_mean": 1e9}) + '\n{"torn')
     train(None, tmp_path / "partial", resume=True)
     assert (tmp_path / "partial" / "metrics.jsonl").read_text() == (run / "metrics.jsonl").read_text()
 

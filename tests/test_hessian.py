@@ -33,7 +33,9 @@ def dense_eigs(loss_fn: object, model: nn.Module) -> np.ndarray:
 
 def dqn_setup(seed: int = 0, hidden: int = 8, n: int = 32) -> tuple[nn.Module, object, object]:
     torch.manual_seed(seed)
-    q = nn.Sequential(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 3)).double()
+    q = nn.Sequential(
+        nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 3)
+    ).double()
     target = copy.deepcopy(q)
     with torch.no_grad():
         for p in target.parameters():

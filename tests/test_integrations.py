@@ -16,7 +16,8 @@ import plasticity_probe as pp
 
 
 def test_importing_the_library_imports_no_framework() -> None:
-    code = "import sys, plasticity_probe; print(any(m.split('.')[0] in ('stable_baselines3', 'lightning', 'pytorch_lightning') for m in sys.modules))"
+    frameworks = "('stable_baselines3', 'lightning', 'pytorch_lightning')"
+    code = f"import sys, plasticity_probe; print(any(m.split('.')[0] in {frameworks} for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -27,8 +28,15 @@ def test_sb3_dqn_callback_logs_per_layer_metrics(tmp_path: Path) -> None:
 
     from plasticity_probe.integrations.sb3 import ProbeCallback
 
-    model = sb3.DQN("MlpPolicy", "CartPole-v1", learning_starts=50, batch_size=32, seed=0,
-                    policy_kwargs={"net_arch": [32, 32]}, verbose=0)
+    model = sb3.DQN(
+        "MlpPolicy",
+        "CartPole-v1",
+        learning_starts=50,
+        batch_size=32,
+        seed=0,
+        policy_kwargs={"net_arch": [32, 32]},
+        verbose=0,
+    )
     model.set_logger(configure(str(tmp_path), ["csv"]))
     sink_path = tmp_path / "plasticity.jsonl"
     with pp.JsonlSink(sink_path) as sink:
@@ -51,7 +59,11 @@ def test_sb3_dqn_callback_logs_per_layer_metrics(tmp_path: Path) -> None:
         assert value == pytest.approx(written[latest])
         assert 1.0 <= value <= 32.0
     assert written[400] == report["q_net.2"].metrics["effective_rank"]
-    dead = [float(r["plasticity/q_net/network/dead_fraction"]) for r in rows if r.get("plasticity/q_net/network/dead_fraction")]
+    dead = [
+        float(r["plasticity/q_net/network/dead_fraction"])
+        for r in rows
+        if r.get("plasticity/q_net/network/dead_fraction")
+    ]
     assert all(0.0 <= d <= 1.0 for d in dead)
     assert set(written) == {100, 200, 300, 400}
 
@@ -106,15 +118,24 @@ def test_lightning_callback_logs_through_the_trainer(tmp_path: Path) -> None:
     data = torch.utils.data.TensorDataset(torch.randn(64, 3), torch.randn(64, 1))
     loader = torch.utils.data.DataLoader(data, batch_size=16)
     callback = ProbeCallback(every=5, eval_mode=True)
-    trainer = L.Trainer(max_steps=12, callbacks=[callback], logger=L.loggers.CSVLogger(str(tmp_path)),
-                        log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer = L.Trainer(
+        max_steps=12,
+        callbacks=[callback],
+        logger=L.loggers.CSVLogger(str(tmp_path)),
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
     module = Module()
     trainer.fit(module, loader)
     assert module.training  # eval_mode measurements restore train mode
     report = callback.last_report
     assert report is not None and [r.name for r in report.layers] == ["net.0", "net.2"]
     logged = trainer.logged_metrics
-    assert float(logged["plasticity/net.0/effective_rank"]) == pytest.approx(report["net.0"].metrics["effective_rank"], rel=1e-5)
+    assert float(logged["plasticity/net.0/effective_rank"]) == pytest.approx(
+        report["net.0"].metrics["effective_rank"], rel=1e-5
+    )
     assert callback.probe_batch is not None and callback.probe_batch.shape == (16, 3)
 
 

@@ -142,8 +142,15 @@ def test_single_sample_and_1d_inputs() -> None:
 
 @pytest.mark.parametrize(
     "fn",
-    [pp.effective_rank, pp.srank, pp.stable_rank, pp.feature_rank, pp.dead_unit_fraction,
-     pp.dormant_fraction, pp.feature_norm],
+    [
+        pp.effective_rank,
+        pp.srank,
+        pp.stable_rank,
+        pp.feature_rank,
+        pp.dead_unit_fraction,
+        pp.dormant_fraction,
+        pp.feature_norm,
+    ],
 )
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_non_finite_input_gives_nan_and_a_warning(fn: object, bad: float) -> None:
@@ -206,8 +213,11 @@ def test_effective_rank_invariant_to_rotation_and_scale(m: np.ndarray, seed: int
 
 @settings(max_examples=60, deadline=None)
 @given(
-    arrays(np.float32, st.tuples(st.integers(1, 10), st.integers(1, 10)),
-           elements=st.sampled_from([0.0, 0.0, 0.001, 0.5, 3.0])),
+    arrays(
+        np.float32,
+        st.tuples(st.integers(1, 10), st.integers(1, 10)),
+        elements=st.sampled_from([0.0, 0.0, 0.001, 0.5, 3.0]),
+    ),
     st.floats(0, 1),
 )
 def test_unit_fractions_in_unit_interval(h: np.ndarray, tau: float) -> None:

@@ -64,8 +64,9 @@ def test_l1_and_unsquared_variants(model: Scrambled) -> None:
 
 
 def test_per_tensor_index_reproduces_authors_code(model: Scrambled) -> None:
-    reg = pp.SuccessiveRegularizer(model, "l2", lam=1.0, delta=2.0, per_tensor_index=True,
-                                   example_input=torch.randn(2, 3))
+    reg = pp.SuccessiveRegularizer(
+        model, "l2", lam=1.0, delta=2.0, per_tensor_index=True, example_input=torch.randn(2, 3)
+    )
     tensors = [t for m in order(model) for t in (m.weight, m.bias)]
     expected = sum(2.0**k * float((t.detach() ** 2).sum()) for k, t in enumerate(tensors))
     assert float(reg(0)) == pytest.approx(expected, rel=1e-6)  # layer l's weight gets δ^(2l−2)

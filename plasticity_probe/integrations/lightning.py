@@ -74,9 +74,7 @@ class ProbeCallback(L.Callback):
         self.eval_mode, self.max_samples, self.input_fn = eval_mode, max_samples, input_fn
         self.last_report: Report | None = None
 
-    def on_train_batch_end(
-        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.probe_batch is None:
             self.probe_batch = self.input_fn(batch)[: self.max_samples].detach().clone()
         if trainer.global_step % self.every != 0:
@@ -85,7 +83,9 @@ class ProbeCallback(L.Callback):
         if self.eval_mode:
             pl_module.eval()
         try:
-            probe = Probe(pl_module, layers=self.layers, metrics=self.metrics, probe_batch=self.probe_batch.to(pl_module.device))
+            probe = Probe(
+                pl_module, layers=self.layers, metrics=self.metrics, probe_batch=self.probe_batch.to(pl_module.device)
+            )
             report = probe.measure()
         finally:
             pl_module.train(was_training)

@@ -41,7 +41,11 @@ def probed_networks(policy: nn.Module) -> dict[str, nn.Module]:
     SAC/TD3/DDPG, or the whole actor-critic policy of PPO/A2C."""
     if hasattr(policy, "q_net") and isinstance(policy.q_net, nn.Module):
         return {"q_net": policy.q_net}
-    nets = {name: getattr(policy, name) for name in ("actor", "critic") if isinstance(getattr(policy, name, None), nn.Module)}
+    nets = {
+        name: getattr(policy, name)
+        for name in ("actor", "critic")
+        if isinstance(getattr(policy, name, None), nn.Module)
+    }
     return nets or {"policy": policy}
 
 
@@ -127,14 +131,16 @@ class RegularizedDQN(DQN):
         reg_every: int = 1,
         **kwargs: Any,
     ) -> None:
-        self._reg_settings = {"penalty": penalty, "lam": lam, "delta": delta, "every": reg_every}
+        self.penalty, self.lam, self.delta, self.reg_every = penalty, lam, delta, reg_every
         super().__init__(*args, **kwargs)
 
     def _setup_model(self) -> None:
         super()._setup_model()
         space = self.observation_space
         example = torch.as_tensor(space.sample()[None], device=self.device).float()
-        self.regularizer = SuccessiveRegularizer(self.q_net, example_input=example, **self._reg_settings)
+        self.regularizer = SuccessiveRegularizer(
+            self.q_net, self.penalty, self.lam, self.delta, every=self.reg_every, example_input=example
+        )
 
     def train(self, gradient_steps: int, batch_size: int = 100) -> None:
         self.policy.set_training_mode(True)
