@@ -18,7 +18,7 @@ learned from the first forward pass the regularizer sees (or from ``example_inpu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from enum import Enum
 from typing import Any
 
@@ -46,21 +46,25 @@ class Penalty(str, Enum):
     singular = "singular"
 
 
+def _norms(tensors: Sequence[torch.Tensor], order: int = 2) -> torch.Tensor:
+    """Per-tensor norms in one fused ``foreach`` kernel; the gradient at 0 is 0, not NaN."""
+    return torch.stack(torch._foreach_norm(list(tensors), order))
+
+
 def l2_penalty(params: Sequence[torch.Tensor], squared: bool = True) -> torch.Tensor:
     """``‖θ‖₂²`` over all tensors (``‖θ‖₂`` with ``squared=False``, as the authors' code did)."""
-    sq = torch.stack([p.pow(2).sum() for p in params]).sum()
-    return sq if squared else sq.sqrt()
+    norms = _norms(params)
+    return norms.square().sum() if squared else torch.linalg.vector_norm(norms)
 
 
 def l2init_penalty(params: Sequence[torch.Tensor], init: Sequence[torch.Tensor], squared: bool = True) -> torch.Tensor:
     """``‖θ − θ_0‖₂²`` (``‖θ − θ_0‖₂`` with ``squared=False``), Kumar, Marklund & Van Roy (2023)."""
-    sq = torch.stack([(p - p0).pow(2).sum() for p, p0 in zip(params, init, strict=True)]).sum()
-    return sq if squared else sq.sqrt()
+    return l2_penalty(torch._foreach_sub(list(params), list(init)), squared)
 
 
 def l1_penalty(params: Sequence[torch.Tensor]) -> torch.Tensor:
     """``‖θ‖₁ = Σ |θ_i|``."""
-    return torch.stack([p.abs().sum() for p in params]).sum()
+    return _norms(params, 1).sum()
 
 
 def singular_penalty(features: torch.Tensor) -> torch.Tensor:
@@ -100,7 +104,8 @@ class SuccessiveRegularizer:
     ``l2init`` snapshots θ_0 at construction: build the regularizer before the first update.
     θ_0 is kept on the parameters' device and dtype and saved by ``state_dict()``.
     After each call, ``last_terms`` maps layer name to its detached weighted term
-    ``λ δ^l R(θ^[l])`` (empty on skipped steps).
+    ``λ δ^l R(θ^[l])`` (empty on skipped steps). Parameter penalties are computed for all
+    layers at once (fused per-tensor norms); the singular penalty layer by layer.
     """
 
     def __init__(
@@ -136,7 +141,9 @@ class SuccessiveRegularizer:
         self.init: dict[str, list[torch.Tensor]] = {
             name: [p.detach().clone() for p in m.parameters(recurse=False)] for name, m in candidates.items()
         }
-        self.last_terms: dict[str, torch.Tensor] = {}
+        self._last: tuple[list[str], torch.Tensor] | None = None
+        self._params: list[torch.Tensor] = []
+        self._weights: tuple[torch.Tensor, torch.Tensor, list[str]] | None = None
         if example_input is not None:
             with torch.enable_grad():
                 call_model(model, example_input)
@@ -164,6 +171,7 @@ class SuccessiveRegularizer:
                 raise ValueError(f"layers {unknown} are not layers of the model; layers: {sorted(known)}")
             order = [info for info in order if info.name in self.selected]
         self._layers = order
+        self._params = [p for info in order for p in info.module.parameters(recurse=False)]
         if self.penalty is not Penalty.singular:
             self._hooks.remove()  # the order is all parameter penalties need: no hot-path hooks
 
@@ -174,16 +182,28 @@ class SuccessiveRegularizer:
     def __call__(self, step: int) -> torch.Tensor:
         layers = self.layers
         if step % self.every != 0:
-            self.last_terms = {}
-            p = next(iter(layers[0].module.parameters(recurse=False)))
-            return p.new_zeros(())
-        terms = self._per_tensor_terms() if self.per_tensor_index else self._layer_terms(layers)
-        self.last_terms = {k: v.detach() for k, v in terms.items()}
-        return torch.stack(list(terms.values())).sum()
+            self._last = None
+            return self._params[0].new_zeros(())
+        if self.penalty is Penalty.singular or not (self.squared or self.per_tensor_index):
+            names, terms = self._layer_terms(layers)
+        else:
+            names, terms = self._fused_terms()
+        self._last = (names, terms.detach())
+        return terms.sum()
 
-    def _layer_terms(self, layers: list[LayerInfo]) -> dict[str, torch.Tensor]:
+    @property
+    def last_terms(self) -> dict[str, torch.Tensor]:
+        """Detached weighted terms ``λ δ^l R(θ^[l])`` of the last call, by layer (or by tensor
+        under ``per_tensor_index``); empty after a skipped step."""
+        if self._last is None:
+            return {}
+        names, values = self._last
+        return dict(zip(names, values.unbind(), strict=True))
+
+    def _layer_terms(self, layers: list[LayerInfo]) -> tuple[list[str], torch.Tensor]:
+        """One term per layer, computed layer by layer (singular, unsquared norms)."""
         features = self._hooks.features() if self.penalty is Penalty.singular else {}
-        terms: dict[str, torch.Tensor] = {}
+        terms = []
         for info in layers:
             params = list(info.module.parameters(recurse=False))
             if self.penalty is Penalty.l2:
@@ -199,27 +219,43 @@ class SuccessiveRegularizer:
                         "call the model with autograd enabled before reg(step)"
                     )
                 r = singular_penalty(features[info.name])
-            terms[info.name] = (self.lam * self.delta**info.index) * r
-        return terms
+            terms.append((self.lam * self.delta**info.index) * r)
+        return [info.name for info in layers], torch.stack(terms)
 
-    def _per_tensor_terms(self) -> dict[str, torch.Tensor]:
-        terms: dict[str, torch.Tensor] = {}
-        k = 0
-        for info in self.layers:
-            params = list(info.module.parameters(recurse=False))
-            init = self._init_on(info.name, params)
-            for (pname, _), p, p0 in zip(info.module.named_parameters(recurse=False), params, init, strict=True):
-                if self.penalty is Penalty.l2:
-                    r = l2_penalty([p], self.squared)
-                elif self.penalty is Penalty.l2init:
-                    r = l2init_penalty([p], [p0], self.squared)
-                else:
-                    r = l1_penalty([p])
-                terms[f"{info.name}.{pname}"] = (self.lam * self.delta**k) * r
-                k += 1
-        return terms
+    def _fused_terms(self) -> tuple[list[str], torch.Tensor]:
+        """Parameter penalties of all layers at once: per-tensor norms in one foreach kernel,
+        summed per layer with ``index_add``, weighted by the precomputed ``λ δ^l``."""
+        params = self._params
+        if self.penalty is Penalty.l2init:
+            init = [t for info in self.layers for t in self._init_on(info.name, info.module.parameters(recurse=False))]
+            params = torch._foreach_sub(params, init)
+        per_tensor = _norms(params, 1) if self.penalty is Penalty.l1 else _norms(params)
+        if self.penalty is not Penalty.l1 and self.squared:
+            per_tensor = per_tensor.square()
+        weights, owner, names = self._weights_for(per_tensor)
+        if self.per_tensor_index:
+            return names, weights * per_tensor
+        per_layer = per_tensor.new_zeros(len(self.layers)).index_add(0, owner, per_tensor)
+        return names, weights * per_layer
 
-    def _init_on(self, name: str, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def _weights_for(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        if self._weights is None or self._weights[0].device != like.device or self._weights[0].dtype != like.dtype:
+            layer_of, tensor_names = [], []
+            for i, info in enumerate(self.layers):
+                for pname, _ in info.module.named_parameters(recurse=False):
+                    layer_of.append(i)
+                    tensor_names.append(f"{info.name}.{pname}")
+            if self.per_tensor_index:
+                powers, names = list(range(len(layer_of))), tensor_names
+            else:
+                powers, names = [info.index for info in self.layers], [info.name for info in self.layers]
+            weights = torch.tensor([self.lam * self.delta**k for k in powers], dtype=like.dtype, device=like.device)
+            owner = torch.tensor(layer_of, dtype=torch.long, device=like.device)
+            self._weights = (weights, owner, names)
+        return self._weights
+
+    def _init_on(self, name: str, params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+        params = list(params)
         init = self.init[name]
         if init and (init[0].device != params[0].device or init[0].dtype != params[0].dtype):
             init = [p0.to(device=p.device, dtype=p.dtype) for p0, p in zip(init, params, strict=True)]
