@@ -53,12 +53,8 @@ def main() -> None:
     print(f"parameters: {spec.n_params}")
     print(f"dense Hessian + eigvalsh: {dense_s:.2f} s ({spec.n_params} HVPs)")
     print(f"Lanczos λ_max and λ_min:  {lanczos_s:.3f} s ({spec.n_hvp} HVPs), {dense_s / lanczos_s:.0f}x faster")
-    print(
-        f"λ_max {spec.lambda_max:.6g} vs dense {ref_max:.6g}: rel. error {abs(spec.lambda_max - ref_max) / abs(ref_max):.1e}"
-    )
-    print(
-        f"λ_min {spec.lambda_min:.6g} vs dense {ref_min:.6g}: rel. error {abs(spec.lambda_min - ref_min) / abs(ref_min):.1e}"
-    )
+    for name, got, ref in (("λ_max", spec.lambda_max, ref_max), ("λ_min", spec.lambda_min, ref_min)):
+        print(f"{name} {got:.6g} vs dense {ref:.6g}: relative error {abs(got - ref) / abs(ref):.1e}")
     print(spec.condition_note)
 
 

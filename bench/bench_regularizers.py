@@ -17,6 +17,27 @@ from reference_agent.network import QNetwork
 from reference_agent.replay import Batch
 
 
+def update_time(penalty: str, batch: Batch) -> float:
+    """Seconds per DQN update (TD loss + penalty, backward, fused Adam step)."""
+    torch.manual_seed(0)
+    q = QNetwork(OBS_DIM, N_ACTIONS)
+    target = copy.deepcopy(q)
+    optimizer = torch.optim.Adam(q.parameters(), lr=1e-3, fused=True)
+    reg = None
+    if penalty != "none":
+        reg = pp.SuccessiveRegularizer(q, penalty, lam=0.01, delta=1.25, example_input=batch.obs[:1])
+
+    def update() -> None:
+        loss = td_loss(q, target, batch, 0.99)[0]
+        if reg is not None:
+            loss = loss + reg(1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return time_per_call(update, repeats=200)
+
+
 def main() -> None:
     one_thread()
     torch.manual_seed(0)
@@ -27,24 +48,7 @@ def main() -> None:
         next_obs=torch.randn(BATCH, OBS_DIM),
         terminated=torch.zeros(BATCH),
     )
-    results = {}
-    for penalty in ("none", "l2", "l2init", "l1", "singular"):
-        q = QNetwork(OBS_DIM, N_ACTIONS)
-        target = copy.deepcopy(q)
-        optimizer = torch.optim.Adam(q.parameters(), lr=1e-3, fused=True)
-        reg = None
-        if penalty != "none":
-            reg = pp.SuccessiveRegularizer(q, penalty, lam=0.01, delta=1.25, example_input=batch.obs[:1])
-
-        def update() -> None:
-            loss = td_loss(q, target, batch, 0.99)[0]
-            if reg is not None:
-                loss = loss + reg(1)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-        results[penalty] = time_per_call(update, repeats=200)
+    results = {penalty: update_time(penalty, batch) for penalty in ("none", "l2", "l2init", "l1", "singular")}
     base = results["none"]
     print(f"{'penalty':10s} {'µs/update':>10s} {'ratio':>6s}")
     for name, seconds in results.items():

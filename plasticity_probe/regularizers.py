@@ -225,7 +225,7 @@ class SuccessiveRegularizer:
     def _fused_terms(self) -> tuple[list[str], torch.Tensor]:
         """Parameter penalties of all layers at once: per-tensor norms in one foreach kernel,
         summed per layer with ``index_add``, weighted by the precomputed ``λ δ^l``."""
-        params = self._params
+        params: Sequence[torch.Tensor] = self._params
         if self.penalty is Penalty.l2init:
             init = [t for info in self.layers for t in self._init_on(info.name, info.module.parameters(recurse=False))]
             params = torch._foreach_sub(params, init)
