@@ -228,7 +228,7 @@ class SuccessiveRegularizer:
         params: Sequence[torch.Tensor] = self._params
         if self.penalty is Penalty.l2init:
             init = [t for info in self.layers for t in self._init_on(info.name, info.module.parameters(recurse=False))]
-            params = torch._foreach_sub(params, init)
+            params = torch._foreach_sub(self._params, init)
         per_tensor = _norms(params, 1) if self.penalty is Penalty.l1 else _norms(params)
         if self.penalty is not Penalty.l1 and self.squared:
             per_tensor = per_tensor.square()
