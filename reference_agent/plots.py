@@ -155,49 +155,57 @@ def _plasticity_figure(plt: Any, runs: list[Run], env: str, out: Path) -> list[P
     return paths
 
 
+def _pair_figure(
+    plt: Any,
+    pairs: dict[str, tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray] | None]],
+    names: dict[str, str],
+    titles: tuple[str, str],
+    suptitle: str,
+    path: tuple[Path, str],
+    log_left: bool = False,
+) -> list[Path]:
+    """Two panels sharing one colour per configuration: ``pairs[group] = (left, right)`` curves."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for group, (left, right) in sorted(pairs.items()):
+        line = axes[0].plot(*left, label=names[group])[0]
+        if right is not None:
+            axes[1].plot(*right, color=line.get_color())
+    if log_left:
+        axes[0].set_yscale("log")
+    for ax, title in zip(axes, titles, strict=True):
+        ax.set_title(title)
+        ax.set_xlabel("environment steps")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(suptitle)
+    paths = _save(fig, *path)
+    plt.close(fig)
+    return paths
+
+
 def _qvalue_figure(plt: Any, runs: list[Run], env: str, out: Path) -> list[Path]:
-    names = _labels(runs)
     series: dict[str, dict[int, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
     for r in runs:
         for u in r.updates:
             series[r.group][u["step"]].append((u["q_mean"], u["target_mean"]))
-    if not series:
-        return []
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for group, by_step in sorted(series.items()):
+    pairs: dict[str, Any] = {}
+    for group, by_step in series.items():
         steps = np.array(sorted(by_step))
         vals = np.array([np.mean(by_step[s], axis=0) for s in steps])
-        line = axes[0].plot(steps, vals[:, 0], label=names[group])[0]
-        axes[1].plot(steps, vals[:, 1], color=line.get_color())
-    for ax, title in zip(axes, ("mean Q(s, a) on training batches", "mean TD target y"), strict=True):
-        ax.set_title(title)
-        ax.set_xlabel("environment steps")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"{env}: Q-values and target values (mean over seeds)")
-    paths = _save(fig, out, f"qvalues_{env}")
-    plt.close(fig)
-    return paths
+        pairs[group] = ((steps, vals[:, 0]), (steps, vals[:, 1]))
+    if not pairs:
+        return []
+    titles = ("mean Q(s, a) on training batches", "mean TD target y")
+    suptitle = f"{env}: Q-values and target values (mean over seeds)"
+    return _pair_figure(plt, pairs, _labels(runs), titles, suptitle, (out, f"qvalues_{env}"))
 
 
 def _hessian_figure(plt: Any, runs: list[Run], env: str, out: Path) -> list[Path]:
-    names = _labels(runs)
     top = plasticity_series(runs, "hessian_lambda_max", "network")
+    bottom = plasticity_series(runs, "hessian_lambda_min", "network")
     if not top:
         return []
-    bottom = plasticity_series(runs, "hessian_lambda_min", "network")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for group in sorted(top):
-        line = axes[0].plot(*top[group], label=names[group])[0]
-        if group in bottom:
-            axes[1].plot(*bottom[group], color=line.get_color())
-    axes[0].set_yscale("log")
-    for ax, title in zip(axes, ("TD-loss Hessian λ_max", "TD-loss Hessian λ_min"), strict=True):
-        ax.set_title(title)
-        ax.set_xlabel("environment steps")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"{env}: curvature on the fixed probe batch (mean over seeds)")
-    paths = _save(fig, out, f"hessian_{env}")
-    plt.close(fig)
-    return paths
+    pairs = {group: (top[group], bottom.get(group)) for group in top}
+    titles = ("TD-loss Hessian λ_max", "TD-loss Hessian λ_min")
+    suptitle = f"{env}: curvature on the fixed probe batch (mean over seeds)"
+    return _pair_figure(plt, pairs, _labels(runs), titles, suptitle, (out, f"hessian_{env}"), log_left=True)
