@@ -18,6 +18,8 @@ OPTION_NAMES = {"env_id": ("--env",), "total_steps": ("--steps", "--total-steps"
 """Short names the design gives; every other field is ``--field-name``."""
 
 SKIPPED = {"extra"}
+LIST_FIELDS = {"hidden_sizes": "64,64", "reg_layers": "net.2"}
+"""Tuple fields, given on the command line as comma-separated lists (with an example)."""
 PANEL = "Agent configuration (defaults: the paper's settings)"
 
 
@@ -50,9 +52,9 @@ def config_parameters() -> list[inspect.Parameter]:
         kind: Any = hints[f.name]
         default = getattr(defaults, f.name)
         help_text = docs.get(f.name, "")
-        if f.name == "hidden_sizes":
+        if f.name in LIST_FIELDS:
             kind, default = str, ",".join(map(str, default))
-            help_text += " Comma-separated, e.g. 64,64."
+            help_text += f" Comma-separated, e.g. {LIST_FIELDS[f.name]}."
         names = OPTION_NAMES.get(f.name, ("--" + f.name.replace("_", "-"),))
         if kind is bool:
             names = (f"{names[0]}/--no-{names[0][2:]}",)
@@ -73,4 +75,5 @@ def config_from_options(values: dict[str, Any]) -> DQNConfig:
         data["hidden_sizes"] = tuple(int(x) for x in sizes.split(",") if x.strip())
     except ValueError:
         raise ValueError(f"--hidden-sizes expects comma-separated integers, got {sizes!r}") from None
+    data["reg_layers"] = tuple(x.strip() for x in str(data.pop("reg_layers")).split(",") if x.strip())
     return DQNConfig.from_dict(data)

@@ -66,6 +66,9 @@ class DQNConfig:
     """Add the penalty every update, or only when t mod τ = 0 (target updates)."""
     reg_squared: bool = True
     """Squared norms for l2/l2init as in the paper's equations (False: the authors' code)."""
+    reg_layers: tuple[str, ...] = ()
+    """Layers to penalize, by module path (empty: all; "net.2": the penultimate layer only, as
+    the authors' code did for singular with delta 1). Indices l stay those of the full network."""
     eval_every: int = 5000
     """Evaluate the greedy policy every this many steps."""
     eval_episodes: int = 5
@@ -89,6 +92,7 @@ class DQNConfig:
         self.reg = Reg(self.reg)
         self.reg_every = RegEvery(self.reg_every)
         self.hidden_sizes = tuple(int(h) for h in self.hidden_sizes)
+        self.reg_layers = tuple(str(name) for name in self.reg_layers)
         problems = []
         for name in (
             "total_steps",
@@ -129,6 +133,8 @@ class DQNConfig:
             reg = f"{self.reg.value}_lam{self.lam:g}_d{self.delta:g}_{self.reg_every.value}"
             if not self.reg_squared:
                 reg += "_unsquared"
+            if self.reg_layers:
+                reg += "_layers-" + "+".join(self.reg_layers)
         return f"{self.env_id}__{reg}__s{self.seed}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -136,6 +142,7 @@ class DQNConfig:
         d["reg"] = self.reg.value
         d["reg_every"] = self.reg_every.value
         d["hidden_sizes"] = list(self.hidden_sizes)
+        d["reg_layers"] = list(self.reg_layers)
         return d
 
     @classmethod

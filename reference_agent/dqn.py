@@ -164,6 +164,7 @@ def train(
             cfg.lam,
             cfg.delta,
             every=every,
+            layers=list(cfg.reg_layers) or None,
             squared=cfg.reg_squared,
             example_input=torch.zeros(1, obs_dim),
         )

@@ -123,6 +123,16 @@ def test_run_directory_layout_and_records(tmp_path: Path) -> None:
         train(cfg, run)
 
 
+def test_penalizing_a_subset_of_layers(tmp_path: Path) -> None:
+    cfg = tiny(reg="singular", lam=0.001, delta=1.0, reg_layers=("net.2",), total_steps=500)
+    assert cfg.run_name.endswith("_layers-net.2__s0")
+    train(cfg, tmp_path / "r")
+    update = next(r for r in rundir.read_jsonl(tmp_path / "r" / "metrics.jsonl") if r["kind"] == "update")
+    assert set(update["reg_terms"]) == {"net.2"}
+    with pytest.raises(ValueError, match="not layers"):
+        train(tiny(reg="l2", reg_layers=("net.9",)), tmp_path / "bad")
+
+
 def test_same_seed_same_results(tmp_path: Path) -> None:
     cfg = tiny(reg="singular", lam=0.001)
     train(cfg, tmp_path / "a")
