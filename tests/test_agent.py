@@ -215,11 +215,14 @@ def test_config_validation() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [0, 1])
-def test_cartpole_learns_with_paper_defaults(tmp_path: Path, seed: int) -> None:
-    """Run by hand: pytest -m slow. The issue asks for eval return ≥ 400 for one of two seeds."""
-    result = train(DQNConfig(env_id="CartPole-v1", seed=seed), tmp_path / "cp")
-    evals = [r["return_mean"] for r in rundir.read_jsonl(tmp_path / "cp" / "metrics.jsonl") if r["kind"] == "eval"]
-    print(f"seed {seed}: eval returns {evals}")
-    assert result.state == "finished"
-    assert max(evals) > 100
+def test_cartpole_learns_with_paper_defaults(tmp_path: Path) -> None:
+    """Issue criterion: with the defaults, CartPole-v1 reaches an evaluation return >= 400 within
+    100k steps for at least one of two seeds. Run by hand: pytest -m slow -s."""
+    best = []
+    for seed in (0, 1):
+        result = train(DQNConfig(env_id="CartPole-v1", seed=seed), tmp_path / f"s{seed}")
+        assert result.state == "finished"
+        evals = [r["return_mean"] for r in rundir.read_jsonl(result.run_dir / "metrics.jsonl") if r["kind"] == "eval"]
+        print(f"seed {seed}: eval returns {evals}")
+        best.append(max(evals))
+    assert max(best) >= 400
