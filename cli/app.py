@@ -314,3 +314,38 @@ def plot(
     if rows:
         console.print(_summary_table(rows, smooth))
     console.print(f"{len(written)} figures and 3 CSV files in {out}")
+
+
+@app.command()
+@user_errors
+def claims(
+    dirs: Annotated[list[Path], typer.Argument(help="Sweep or run directories (the paper presets).")],
+    smooth: Annotated[int, typer.Option(min=1, help="Simple-moving-average window, in evaluations.")] = 3,
+    json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Check the paper's claims against finished runs: supported, not supported or inconclusive.
+
+    Example:
+
+      probe claims sweeps/paper
+    """
+    import dataclasses
+    import json
+
+    from rich.table import Table
+
+    from reference_agent import results
+    from reference_agent.claims import check_claims
+
+    verdicts = check_claims(results.find_runs(dirs), smooth)
+    if not verdicts:
+        raise fail("no runs of the paper's environments with evaluations found")
+    if json_:
+        typer.echo(json.dumps([dataclasses.asdict(v) for v in verdicts], indent=2))
+        return
+    table = Table(title="the paper's claims against these runs", show_lines=True)
+    for col in ("claim", "verdict", "evidence"):
+        table.add_column(col)
+    for v in verdicts:
+        table.add_row(v.claim, v.verdict, v.evidence)
+    console.print(table)

@@ -108,7 +108,7 @@ def test_sweep_cli_errors() -> None:
     assert result.exit_code == 2
 
 
-def fake_sweep(root: Path) -> None:
+def fake_sweep(root: Path, env: str = "CartPole-v1") -> None:
     """Run directories with made-up curves, written in the documented layout."""
     for reg, delta, every, level in [
         ("none", 1.25, "update", 0.0),
@@ -117,7 +117,7 @@ def fake_sweep(root: Path) -> None:
         ("l2", 1.25, "target", 20.0),
     ]:
         for seed in (0, 1):
-            cfg = DQNConfig(env_id="CartPole-v1", reg=reg, delta=delta, reg_every=every, seed=seed)
+            cfg = DQNConfig(env_id=env, reg=reg, delta=delta, reg_every=every, seed=seed)
             run = root / cfg.run_name
             run.mkdir(parents=True)
             (run / "config.json").write_text(json.dumps({"config": cfg.to_dict(), "versions": {}}))
@@ -137,6 +137,11 @@ def fake_sweep(root: Path) -> None:
                 for step in (1000, 2000, 3000)
                 for i, layer in enumerate(["net.0", "net.2", "net.4"], 1)
                 for m in ("weight_magnitude", "effective_rank", "dead_fraction")
+            ]
+            rows += [
+                {"step": step, "network": "online", "layer": "network", "index": 0, "metric": m, "value": step / 1000}
+                for step in (1000, 2000, 3000)
+                for m in ("weight_magnitude", "dead_fraction")
             ]
             rows += [
                 {
@@ -185,3 +190,16 @@ def test_plot_cli_writes_figures_and_csv(tmp_path: Path) -> None:
     assert summary.exit_code == 0 and json.loads(summary.output)[0]["config"] == "l2_lam0.01_d1.25_update"
     missing = runner.invoke(app, ["plot", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "no such directory" in missing.output
+
+
+def test_claims_verdicts_on_a_fake_sweep(tmp_path: Path) -> None:
+    fake_sweep(tmp_path, env="LunarLander-v3")
+    fake_sweep(tmp_path, env="CartPole-v1")
+    result = runner.invoke(app, ["claims", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    verdicts = {v["claim"]: v["verdict"] for v in json.loads(result.output)}
+    assert verdicts["LunarLander: δ = 1.25 beats δ = 0.75"] == "supported"  # 30 vs 10, spread 0.5
+    assert verdicts["LunarLander: penalizing every update beats target updates only"] == "supported"  # 30 vs 20
+    assert verdicts["During training, weight magnitudes grow (whole network, first vs last probe)"] == "supported"
+    assert verdicts["CartPole-v1: the method beats the baseline"] == "supported"  # 10, 20, 30 vs 0
+    assert verdicts["LunarLander: the singular loss gives the highest evaluation return"] == "no data"

@@ -1,0 +1,174 @@
+"""The paper's claims, checked against our runs (DESIGN.md lists them).
+
+Rules (stated in docs/reproduction.md): configurations are compared on the best smoothed
+evaluation return, mean over seeds (the paper selects on maximum evaluation return). "A beats B"
+holds for a pair when A's mean is higher; the difference is *clear* when it exceeds the sum of
+both half-ranges over seeds. A claim is **supported** when A wins every pair and at least half of
+the wins are clear, **not supported** when A loses at least half of the pairs, otherwise
+**inconclusive**.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from reference_agent.config import DQNConfig, Reg
+from reference_agent.results import GroupCurve, Run, group_curves
+
+SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, NO_DATA = "supported", "not supported", "inconclusive", "no data"
+
+
+@dataclass
+class Claim:
+    claim: str
+    verdict: str
+    evidence: str
+
+
+@dataclass
+class Score:
+    mean: float
+    spread: float
+
+    @classmethod
+    def of(cls, c: GroupCurve) -> Score:
+        i = int(np.argmax(c.mean))
+        values = c.returns[:, i]
+        return cls(float(c.mean[i]), float((values.max() - values.min()) / 2))
+
+
+def _pairs_verdict(wins: list[bool], clear: list[bool]) -> str:
+    if not wins:
+        return NO_DATA
+    if all(wins) and sum(clear) * 2 >= len(wins):
+        return SUPPORTED
+    if sum(not w for w in wins) * 2 >= len(wins):
+        return NOT_SUPPORTED
+    return INCONCLUSIVE
+
+
+def _compare(
+    curves: list[GroupCurve], field: str, better: Any, worse: Any, describe: Callable[[DQNConfig], str]
+) -> tuple[str, str]:
+    """Pair configurations that differ only in ``field`` (``better`` vs ``worse``)."""
+    groups: dict[str, dict[Any, GroupCurve]] = {}
+    for c in curves:
+        d = c.config.to_dict()
+        rest = json.dumps({k: v for k, v in d.items() if k not in ("seed", "extra", field)}, sort_keys=True)
+        groups.setdefault(rest, {})[d[field]] = c
+    wins, clear, lines = [], [], []
+    for group in groups.values():
+        if better in group and worse in group:
+            a, b = Score.of(group[better]), Score.of(group[worse])
+            wins.append(a.mean > b.mean)
+            clear.append(abs(a.mean - b.mean) > a.spread + b.spread)
+            lines.append(
+                f"{describe(group[better].config)}: {a.mean:.1f}±{a.spread:.1f} vs {b.mean:.1f}±{b.spread:.1f}"
+            )
+    n_clear = sum(c and w for c, w in zip(clear, wins, strict=True))
+    return _pairs_verdict(wins, clear), f"wins {sum(wins)}/{len(wins)} ({n_clear} clear); " + "; ".join(lines)
+
+
+def _last_minus_first(run: Run, metric: str, layer: str) -> float | None:
+    rows = sorted((r["step"], r["value"]) for r in run.plasticity if r["metric"] == metric and r["layer"] == layer)
+    rows = [(s, v) for s, v in rows if v is not None]
+    if len(rows) < 2:
+        return None
+    return float(rows[-1][1] - rows[0][1])
+
+
+def _final(run: Run, metric: str, layer: str) -> float | None:
+    rows = sorted((r["step"], r["value"]) for r in run.plasticity if r["metric"] == metric and r["layer"] == layer)
+    return rows[-1][1] if rows and rows[-1][1] is not None else None
+
+
+def check_claims(runs: list[Run], window: int = 3, penultimate: str = "net.2") -> list[Claim]:
+    """Verdicts for the paper's claims from the runs found (any subset of the paper's sweeps)."""
+    claims: list[Claim] = []
+    ll = [c for c in group_curves([r for r in runs if r.config.env_id.startswith("LunarLander")], window)]
+    regs = [c for c in ll if c.config.reg is not Reg.none and not c.config.reg_layers]
+
+    verdict, evidence = _compare(regs, "delta", 1.25, 0.75, lambda c: f"{c.reg.value}, every {c.reg_every.value}")
+    claims.append(Claim("LunarLander: δ = 1.25 beats δ = 0.75", verdict, evidence))
+
+    verdict, evidence = _compare(regs, "reg_every", "update", "target", lambda c: f"{c.reg.value} δ={c.delta:g}")
+    claims.append(Claim("LunarLander: penalizing every update beats target updates only", verdict, evidence))
+
+    best: dict[Reg, GroupCurve] = {}
+    for c in ll:
+        if not c.config.reg_layers and (
+            c.config.reg not in best or Score.of(c).mean > Score.of(best[c.config.reg]).mean
+        ):
+            best[c.config.reg] = c
+    if best:
+        ranking = sorted(best.values(), key=lambda c: -Score.of(c).mean)
+        text = ", ".join(f"{c.group.split('__')[1]}: {Score.of(c).mean:.1f}±{Score.of(c).spread:.1f}" for c in ranking)
+        top = ranking[0].config.reg
+        if Reg.singular not in best:
+            verdict = NO_DATA
+        elif top is Reg.singular:
+            runner_up = Score.of(ranking[1]) if len(ranking) > 1 else None
+            s = Score.of(ranking[0])
+            margin_clear = runner_up is None or s.mean - runner_up.mean > s.spread + runner_up.spread
+            verdict = SUPPORTED if margin_clear else INCONCLUSIVE
+        else:
+            verdict = NOT_SUPPORTED
+        claims.append(Claim("LunarLander: the singular loss gives the highest evaluation return", verdict, text))
+
+        ranks = {}
+        for reg, c in best.items():
+            values = [
+                v for r in runs if r.group == c.group and (v := _final(r, "effective_rank", penultimate)) is not None
+            ]
+            if values:
+                ranks[reg] = float(np.mean(values))
+        if Reg.singular in ranks:
+            order = sorted(ranks.items(), key=lambda kv: -kv[1])
+            verdict = SUPPORTED if order[0][0] is Reg.singular else NOT_SUPPORTED
+            text = ", ".join(f"{reg.value}: {v:.1f}" for reg, v in order)
+            claims.append(
+                Claim(
+                    f"LunarLander: the singular loss gives the highest effective rank ({penultimate}, end of training, "
+                    "best setting of each penalty)",
+                    verdict,
+                    text,
+                )
+            )
+
+    for metric, name in (("weight_magnitude", "weight magnitudes grow"), ("dead_fraction", "dead units rise")):
+        deltas = [d for r in runs if (d := _last_minus_first(r, metric, "network")) is not None]
+        if deltas:
+            up = sum(d > 0 for d in deltas)
+            verdict = (
+                SUPPORTED if up * 4 >= 3 * len(deltas) else NOT_SUPPORTED if up * 2 <= len(deltas) else INCONCLUSIVE
+            )
+            claims.append(
+                Claim(
+                    f"During training, {name} (whole network, first vs last probe)",
+                    verdict,
+                    f"up in {up}/{len(deltas)} runs; median change {np.median(deltas):+.3g}",
+                )
+            )
+
+    for env, wanted in (("CartPole-v1", True), ("MountainCar-v0", False)):
+        curves = group_curves([r for r in runs if r.config.env_id == env], window)
+        base = next((c for c in curves if c.config.reg is Reg.none), None)
+        methods = [c for c in curves if c.config.reg is not Reg.none and not c.config.reg_layers]
+        if base is None or not methods:
+            continue
+        b = Score.of(base)
+        wins = [Score.of(m).mean > b.mean for m in methods]
+        clear = [abs(Score.of(m).mean - b.mean) > Score.of(m).spread + b.spread for m in methods]
+        text = f"baseline {b.mean:.1f}±{b.spread:.1f}; " + ", ".join(
+            f"{m.group.split('__')[1]}: {Score.of(m).mean:.1f}±{Score.of(m).spread:.1f}" for m in methods
+        )
+        verdict = _pairs_verdict(wins, clear) if wanted else _pairs_verdict([not w for w in wins], clear)
+        claims.append(
+            Claim(f"{env}: the method {'beats' if wanted else 'does worse than'} the baseline", verdict, text)
+        )
+    return claims
