@@ -17,7 +17,7 @@ strings, lists and dicts only)::
                   replayed from its reset seed on resume
     buffer        {"pos", "size", "obs", "actions", "rewards", "next_obs", "terminated"}
     probe_batch   {"obs", "actions", "rewards", "next_obs", "terminated"} or None
-    stats         {"sums": float64 tensor [td_loss, q, target], "count"}: the open log interval
+    stats         {"sums": float64 tensor [td_loss, q, target, penalty], "count"}: the open log interval
 """
 
 from __future__ import annotations

@@ -171,7 +171,7 @@ def train(
     optimizer = torch.optim.Adam(q.parameters(), lr=cfg.learning_rate, fused=True)
     buffer = ReplayBuffer(cfg.capacity, obs_dim)
     probe_batch: Batch | None = None
-    stats, stats_count = torch.zeros(3, dtype=torch.float64), 0
+    stats, stats_count = torch.zeros(4, dtype=torch.float64), 0  # sums of TD loss, Q, target, penalty
     step, episode, ep_actions, ep_return = 0, 0, [], 0.0
     obs, _ = env.reset(seed=episode_seed(cfg.seed, 0, episode))
 
@@ -293,20 +293,19 @@ def train(
                         probe_batch = buffer.gather(idx)
                     batch = buffer.sample(rng, cfg.batch_size)
                     loss, q_sa, y = td_loss(q, target, batch, cfg.gamma)
-                    if reg is not None:
-                        loss = loss + reg(t)
+                    penalty = reg(t) if reg is not None else loss.new_zeros(())
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
+                    (loss + penalty).backward()
                     optimizer.step()
-                    stats += torch.stack((loss.detach(), q_sa.detach().mean(), y.mean())).double()
+                    stats += torch.stack((loss.detach(), q_sa.detach().mean(), y.mean(), penalty.detach())).double()
                     stats_count += 1
                     if t % cfg.target_update_period == 0:
                         target.load_state_dict(q.state_dict())
 
                 # ---- logging, evaluation, probing, checkpoints (off the hot path) ---------------
                 if t % cfg.log_every == 0 and stats_count > 0:
-                    loss_mean, q_mean, y_mean = (stats / stats_count).tolist()
-                    if not all(map(math.isfinite, (loss_mean, q_mean, y_mean))):
+                    loss_mean, q_mean, y_mean, penalty_mean = (stats / stats_count).tolist()
+                    if not all(map(math.isfinite, (loss_mean, q_mean, y_mean, penalty_mean))):
                         raise DivergenceError(f"TD loss became {loss_mean} by step {t}")
                     record = {
                         "step": t,
@@ -318,9 +317,10 @@ def train(
                         "updates": stats_count,
                     }
                     if reg is not None:
+                        record["penalty"] = penalty_mean
                         record["reg_terms"] = {k: float(v) for k, v in reg.last_terms.items()}
                     metrics.write_record(record)
-                    stats, stats_count = torch.zeros(3, dtype=torch.float64), 0
+                    stats, stats_count = torch.zeros(4, dtype=torch.float64), 0
                 if t % cfg.log_every == 0:
                     status("running")
                 if t % cfg.eval_every == 0 or t == cfg.total_steps:

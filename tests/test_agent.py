@@ -111,6 +111,8 @@ def test_run_directory_layout_and_records(tmp_path: Path) -> None:
     assert [r["step"] for r in evals] == [500, 1000, 1500]
     update = next(r for r in records if r["kind"] == "update")
     assert set(update["reg_terms"]) == {"net.0", "net.2", "net.4"}
+    last = [r for r in records if r["kind"] == "update"][-1]
+    assert last["penalty"] > 0 and last["loss"] > 0  # the TD loss is logged without the penalty
     rows = list(rundir.read_jsonl(run / "plasticity.jsonl"))
     assert {r["step"] for r in rows} == {300, 600, 900, 1200, 1500}
     metrics = {r["metric"] for r in rows}
