@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_config
 
 from reference_agent import rundir
 from reference_agent.checkpoint import load_checkpoint
@@ -17,23 +18,6 @@ from reference_agent.config import DQNConfig, epsilon
 from reference_agent.dqn import RunExistsError, td_loss, train
 from reference_agent.envs import EnvError, make_env
 from reference_agent.replay import Batch, ReplayBuffer
-
-TINY = dict(
-    total_steps=1500,
-    learning_starts=300,
-    batch_size=32,
-    eval_every=500,
-    eval_episodes=2,
-    probe_every=300,
-    probe_batch_size=64,
-    checkpoint_every=400,
-    log_every=100,
-    target_update_period=100,
-)
-
-
-def tiny(**kw: object) -> DQNConfig:
-    return DQNConfig(**{**TINY, **kw})  # type: ignore[arg-type]
 
 
 def test_replay_buffer_add_sample_and_wraparound() -> None:
@@ -91,7 +75,7 @@ def test_td_target_by_hand_terminal_vs_truncated() -> None:
 
 
 def test_run_directory_layout_and_records(tmp_path: Path) -> None:
-    cfg = tiny(reg="l2init")
+    cfg = tiny_config(reg="l2init")
     result = train(cfg, tmp_path / cfg.run_name)
     run = result.run_dir
     assert result.state == "finished" and result.step == 1500
@@ -126,27 +110,27 @@ def test_run_directory_layout_and_records(tmp_path: Path) -> None:
 
 
 def test_penalizing_a_subset_of_layers(tmp_path: Path) -> None:
-    cfg = tiny(reg="singular", lam=0.001, delta=1.0, reg_layers=("net.2",), total_steps=500)
+    cfg = tiny_config(reg="singular", lam=0.001, delta=1.0, reg_layers=("net.2",), total_steps=500)
     assert cfg.run_name.endswith("_layers-net.2__s0")
     train(cfg, tmp_path / "r")
     update = next(r for r in rundir.read_jsonl(tmp_path / "r" / "metrics.jsonl") if r["kind"] == "update")
     assert set(update["reg_terms"]) == {"net.2"}
     with pytest.raises(ValueError, match="not layers"):
-        train(tiny(reg="l2", reg_layers=("net.9",)), tmp_path / "bad")
+        train(tiny_config(reg="l2", reg_layers=("net.9",)), tmp_path / "bad")
 
 
 def test_same_seed_same_results(tmp_path: Path) -> None:
-    cfg = tiny(reg="singular", lam=0.001)
+    cfg = tiny_config(reg="singular", lam=0.001)
     train(cfg, tmp_path / "a")
     train(cfg, tmp_path / "b")
     for name in ("metrics.jsonl", "plasticity.jsonl"):
         assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text()
-    other = train(tiny(reg="singular", lam=0.001, seed=1), tmp_path / "c")
+    other = train(tiny_config(reg="singular", lam=0.001, seed=1), tmp_path / "c")
     assert (tmp_path / "a" / "metrics.jsonl").read_text() != (other.run_dir / "metrics.jsonl").read_text()
 
 
 def test_sigint_leaves_checkpoint_and_resume_equals_uninterrupted(tmp_path: Path) -> None:
-    cfg = tiny(reg="l2init", hessian_every=600)
+    cfg = tiny_config(reg="l2init", hessian_every=600)
     train(cfg, tmp_path / "full")
 
     def interrupt(step: int, total: int, info: dict[str, float]) -> None:
@@ -167,14 +151,14 @@ def test_sigint_leaves_checkpoint_and_resume_equals_uninterrupted(tmp_path: Path
 
 
 def test_resume_after_crash_drops_records_past_the_checkpoint(tmp_path: Path) -> None:
-    cfg = tiny()
+    cfg = tiny_config()
     run = tmp_path / "run"
     train(cfg, tmp_path / "ref")
     train(cfg, run)
     # simulate a crash after the step-800 checkpoint: restore it, append a stray record
     ckpt = torch.load(tmp_path / "ref" / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 1500
-    cut = tiny(total_steps=1500)
+    cut = tiny_config(total_steps=1500)
     partial = train(cut, tmp_path / "partial", progress=lambda s, *_: s == 1000 and os.kill(os.getpid(), signal.SIGINT))
     assert partial.step == 1000
     with (tmp_path / "partial" / "metrics.jsonl").open("a") as f:
@@ -184,15 +168,15 @@ def test_resume_after_crash_drops_records_past_the_checkpoint(tmp_path: Path) ->
 
 
 def test_resume_with_a_different_config_is_refused(tmp_path: Path) -> None:
-    cfg = tiny(total_steps=400, checkpoint_every=200)
+    cfg = tiny_config(total_steps=400, checkpoint_every=200)
     train(cfg, tmp_path / "r")
     with pytest.raises(ValueError, match="differs"):
-        train(tiny(total_steps=400, checkpoint_every=200, seed=3), tmp_path / "r", resume=True)
+        train(tiny_config(total_steps=400, checkpoint_every=200, seed=3), tmp_path / "r", resume=True)
 
 
 @pytest.mark.filterwarnings("ignore::plasticity_probe.NonFiniteWarning")
 def test_divergence_stops_with_message_and_keeps_results(tmp_path: Path) -> None:
-    cfg = tiny(learning_rate=1e30, gamma=1.0, total_steps=1200)
+    cfg = tiny_config(learning_rate=1e30, gamma=1.0, total_steps=1200)
     result = train(cfg, tmp_path / "d")
     assert result.state == "diverged"
     assert "TD loss became" in result.message

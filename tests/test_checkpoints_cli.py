@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_config
 from torch import nn
 from typer.testing import CliRunner
 
@@ -20,7 +21,6 @@ import plasticity_probe as pp
 from cli.app import app
 from plasticity_probe.checkpoints import CheckpointError, load_checkpoint, mlp_from_state_dict, weight_report
 from reference_agent.analysis import analyze
-from reference_agent.config import DQNConfig
 from reference_agent.dqn import train
 
 runner = CliRunner()
@@ -34,14 +34,12 @@ def mlp() -> nn.Sequential:
 @pytest.fixture(scope="module")
 def agent_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("agent")
-    cfg = DQNConfig(
+    cfg = tiny_config(
         total_steps=600,
         learning_starts=200,
-        batch_size=32,
         eval_every=300,
         eval_episodes=1,
         probe_every=200,
-        probe_batch_size=64,
         checkpoint_every=300,
         reg="l2init",
     )

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import tiny_config
 from typer.testing import CliRunner
 
 from cli.app import app
@@ -15,7 +16,7 @@ from reference_agent import results, sweep
 from reference_agent.config import DQNConfig, Reg, RegEvery
 
 runner = CliRunner()
-TINY = dict(
+SWEEP_RUN = dict(
     total_steps=300,
     learning_starts=100,
     batch_size=16,
@@ -85,8 +86,8 @@ def test_custom_grid_from_sets_and_file(tmp_path: Path) -> None:
 
 
 def test_sweep_runs_records_failures_and_resumes(tmp_path: Path) -> None:
-    good = [DQNConfig(**TINY, seed=s) for s in (0, 1)]  # type: ignore[arg-type]
-    bad = DQNConfig(**{**TINY, "env_id": "NoSuchEnv-v0"})  # type: ignore[arg-type]
+    good = [tiny_config(**SWEEP_RUN, seed=s) for s in (0, 1)]
+    bad = tiny_config(**SWEEP_RUN, env_id="NoSuchEnv-v0")
     outcomes = sweep.run_sweep([*good, bad], tmp_path, workers=2, poll_s=0.2)
     states = {o.run: o.state for o in outcomes}
     assert states[good[0].run_name] == "finished" and states[good[1].run_name] == "finished"
