@@ -14,6 +14,7 @@ from plasticity_probe.metrics import (
     srank,
     stable_rank,
     weight_magnitude,
+    zero_fraction,
 )
 from plasticity_probe.probe import Probe
 from plasticity_probe.regularizers import (
@@ -58,4 +59,5 @@ __all__ = [
     "srank",
     "stable_rank",
     "weight_magnitude",
+    "zero_fraction",
 ]

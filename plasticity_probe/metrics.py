@@ -37,6 +37,7 @@ __all__ = [
     "srank",
     "stable_rank",
     "weight_magnitude",
+    "zero_fraction",
 ]
 
 
@@ -167,6 +168,18 @@ def dead_unit_fraction(activations: torch.Tensor) -> float:
     if h.shape[1] == 0:
         return math.nan
     return float((h == 0).all(dim=0).to(torch.float64).mean())
+
+
+def zero_fraction(activations: torch.Tensor) -> float:
+    """Fraction of activation entries that are exactly 0: ``(1/N) Σ_i #{j : h_ij = 0} / d``, the
+    mean share of silent units per sample (activation sparsity). The authors' code plotted this
+    quantity (times d) as "dead neurons"; :func:`dead_unit_fraction` is the paper's definition."""
+    if not _is_finite(activations, "zero_fraction"):
+        return math.nan
+    h = as_unit_matrix(activations)
+    if h.numel() == 0:
+        return math.nan
+    return float((h == 0).to(torch.float64).mean())
 
 
 def dormant_fraction(activations: torch.Tensor, tau: float = 0.025) -> float:

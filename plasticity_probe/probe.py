@@ -36,6 +36,7 @@ FEATURE_METRICS = (
     "feature_rank",
     "dead_fraction",
     "dormant_fraction",
+    "zero_fraction",
     "feature_norm",
 )
 DEFAULT_METRICS = (
@@ -45,6 +46,7 @@ DEFAULT_METRICS = (
     "srank",
     "dead_fraction",
     "dormant_fraction",
+    "zero_fraction",
     "feature_norm",
 )
 
@@ -194,30 +196,31 @@ class Probe:
             "feature_rank": lambda f: float(M.feature_rank(f)),
             "dead_fraction": M.dead_unit_fraction,
             "dormant_fraction": lambda f: M.dormant_fraction(f, self.dormant_tau),
+            "zero_fraction": M.zero_fraction,
             "feature_norm": M.feature_norm,
         }
         return {name: fn(feats) for name, fn in functions.items() if name in self.metrics}
 
     def _network_metrics(self) -> dict[str, float]:
-        """Weight magnitude over all parameters; dead and dormant units pooled over the hidden
-        layers (all probed layers but the last, whose output is the prediction)."""
+        """Weight magnitude over all parameters; dead, dormant and zero fractions pooled over the
+        units of the hidden layers (all probed layers but the last, whose output is the prediction)."""
         network: dict[str, float] = {}
         if "weight_magnitude" in self.metrics:
             network["weight_magnitude"] = M.weight_magnitude(self.model)
         if "mean_abs_weight" in self.metrics:
             network["mean_abs_weight"] = M.mean_abs_weight(self.model)
         hidden = [self._features[i.name] for i in self._layers[:-1] if i.name in self._features]
-        if hidden:
-            units = [M.as_unit_matrix(h) for h in hidden]
-            total = sum(u.shape[1] for u in units)
-            if "dead_fraction" in self.metrics:
-                dead = [M.dead_unit_fraction(h) * u.shape[1] for h, u in zip(hidden, units, strict=True)]
-                network["dead_fraction"] = sum(dead) / total
-            if "dormant_fraction" in self.metrics:
-                dormant = [
-                    M.dormant_fraction(h, self.dormant_tau) * u.shape[1] for h, u in zip(hidden, units, strict=True)
-                ]
-                network["dormant_fraction"] = sum(dormant) / total
+        if not hidden:
+            return network
+        widths = [M.as_unit_matrix(h).shape[1] for h in hidden]
+        pooled: dict[str, Callable[[torch.Tensor], float]] = {
+            "dead_fraction": M.dead_unit_fraction,
+            "dormant_fraction": lambda h: M.dormant_fraction(h, self.dormant_tau),
+            "zero_fraction": M.zero_fraction,
+        }
+        for name, fn in pooled.items():
+            if name in self.metrics:  # unit-weighted mean over the hidden layers
+                network[name] = sum(fn(h) * w for h, w in zip(hidden, widths, strict=True)) / sum(widths)
         return network
 
     def close(self) -> None:

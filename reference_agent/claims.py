@@ -17,7 +17,11 @@ from typing import Any
 
 import numpy as np
 
+import plasticity_probe as pp
+from reference_agent import rundir
+from reference_agent.checkpoint import load_checkpoint
 from reference_agent.config import DQNConfig, Reg
+from reference_agent.network import QNetwork
 from reference_agent.results import GroupCurve, Run, group_curves
 
 SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, NO_DATA = "supported", "not supported", "inconclusive", "no data"
@@ -87,6 +91,37 @@ def _final(run: Run, metric: str, layer: str) -> float | None:
     return rows[-1][1] if rows and rows[-1][1] is not None else None
 
 
+def init_vs_final(run: Run, metrics: tuple[str, ...] = ("zero_fraction",)) -> dict[str, tuple[float, float]]:
+    """Whole-network metrics of θ_0 and of the final online network, both on the run's stored probe
+    batch (from its checkpoint); empty when the run has no checkpoint with a probe batch."""
+    path = run.path / rundir.CHECKPOINT
+    if not path.exists():
+        return {}
+    ckpt = load_checkpoint(path)
+    if ckpt["probe_batch"] is None:
+        return {}
+    obs = ckpt["probe_batch"]["obs"]
+    values: dict[str, list[float]] = {m: [] for m in metrics}
+    for state in (ckpt["init"], ckpt["online"]):
+        net = QNetwork(
+            obs.shape[1], state[f"net.{2 * len(run.config.hidden_sizes)}.weight"].shape[0], run.config.hidden_sizes
+        )
+        net.load_state_dict(state)
+        report = pp.Probe(net, metrics=list(metrics), probe_batch=obs).measure()
+        for m in metrics:
+            values[m].append(report.network[m])
+    return {m: (v[0], v[1]) for m, v in values.items()}
+
+
+def _direction_verdict(changes: list[float]) -> str:
+    up = sum(d > 0 for d in changes)
+    if up * 4 >= 3 * len(changes):
+        return SUPPORTED
+    if up * 2 <= len(changes):
+        return NOT_SUPPORTED
+    return INCONCLUSIVE
+
+
 def check_claims(runs: list[Run], window: int = 3, penultimate: str = "net.2") -> list[Claim]:
     """Verdicts for the paper's claims from the runs found (any subset of the paper's sweeps)."""
     claims: list[Claim] = []
@@ -144,16 +179,25 @@ def check_claims(runs: list[Run], window: int = 3, penultimate: str = "net.2") -
         deltas = [d for r in runs if (d := _last_minus_first(r, metric, "network")) is not None]
         if deltas:
             up = sum(d > 0 for d in deltas)
-            verdict = (
-                SUPPORTED if up * 4 >= 3 * len(deltas) else NOT_SUPPORTED if up * 2 <= len(deltas) else INCONCLUSIVE
-            )
             claims.append(
                 Claim(
                     f"During training, {name} (whole network, first vs last probe)",
-                    verdict,
+                    _direction_verdict(deltas),
                     f"up in {up}/{len(deltas)} runs; median change {np.median(deltas):+.3g}",
                 )
             )
+    pairs = [found for r in runs if (found := init_vs_final(r))]
+    changes = [p["zero_fraction"][1] - p["zero_fraction"][0] for p in pairs]
+    if changes:
+        start, end = np.mean([p["zero_fraction"][0] for p in pairs]), np.mean([p["zero_fraction"][1] for p in pairs])
+        claims.append(
+            Claim(
+                "During training, activations become sparser (share of zero units per sample, what the authors' "
+                "code plotted as dead neurons; θ_0 vs final network on the stored probe batch)",
+                _direction_verdict(changes),
+                f"up in {sum(d > 0 for d in changes)}/{len(changes)} runs; mean {start:.3f} at θ_0 → {end:.3f} at the end",
+            )
+        )
 
     for env, wanted in (("CartPole-v1", True), ("MountainCar-v0", False)):
         curves = group_curves([r for r in runs if r.config.env_id == env], window)

@@ -67,6 +67,7 @@ def test_dead_and_dormant_hand_worked_4x3() -> None:
     assert pp.dormant_fraction(h, tau=0.025) == pytest.approx(2 / 3)
     assert pp.dormant_fraction(h, tau=0.005) == pytest.approx(1 / 3)
     assert pp.dormant_fraction(h, tau=0.0) == pp.dead_unit_fraction(h)
+    assert pp.zero_fraction(h) == pytest.approx(7 / 12)  # 4 zeros in unit 0, 3 in unit 1
 
 
 def test_dead_units_of_conv_features_count_channels() -> None:
@@ -149,6 +150,7 @@ def test_single_sample_and_1d_inputs() -> None:
         pp.feature_rank,
         pp.dead_unit_fraction,
         pp.dormant_fraction,
+        pp.zero_fraction,
         pp.feature_norm,
     ],
 )
@@ -222,7 +224,7 @@ def test_effective_rank_invariant_to_rotation_and_scale(m: np.ndarray, seed: int
 )
 def test_unit_fractions_in_unit_interval(h: np.ndarray, tau: float) -> None:
     t = torch.tensor(h)
-    dead, dormant = pp.dead_unit_fraction(t), pp.dormant_fraction(t, tau)
-    assert 0.0 <= dead <= 1.0
+    dead, dormant, zeros = pp.dead_unit_fraction(t), pp.dormant_fraction(t, tau), pp.zero_fraction(t)
+    assert 0.0 <= dead <= zeros <= 1.0  # a dead unit is zero in every sample
     assert 0.0 <= dormant <= 1.0
     assert dormant >= dead  # a dead unit is dormant for every τ ≥ 0
