@@ -195,7 +195,8 @@ def check_claims(runs: list[Run], window: int = 3, penultimate: str = "net.2") -
                 "During training, activations become sparser (share of zero units per sample, what the authors' "
                 "code plotted as dead neurons; θ_0 vs final network on the stored probe batch)",
                 _direction_verdict(changes),
-                f"up in {sum(d > 0 for d in changes)}/{len(changes)} runs; mean {start:.3f} at θ_0 → {end:.3f} at the end",
+                f"up in {sum(d > 0 for d in changes)}/{len(changes)} runs; "
+                f"mean {start:.3f} at θ_0 → {end:.3f} at the end",
             )
         )
 
