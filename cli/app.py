@@ -226,7 +226,8 @@ def analyze(
     for note in result.notes:
         console.print(f"[dim]{note}[/]", highlight=False)
     for name, report in result.reports.items():
-        console.print(report.table(title=f"{name} — {result.path}"))
+        orientation = "layer" if console.width >= report.table_width() else "metric"
+        console.print(report.table(title=f"{name} — {result.path}", rows=orientation))
         for note in report.notes:
             console.print(f"  {note}", highlight=False)
 

@@ -107,27 +107,36 @@ class Report:
             names += [m for m in r.metrics if m not in names]
         return names
 
-    def table(self, title: str | None = None) -> Table:
-        """A rich table: one row per layer plus a ``network`` row."""
+    def table(self, title: str | None = None, *, rows: str = "layer") -> Table:
+        """A rich table with one row per layer plus a ``network`` row (``rows="layer"``), or, for
+        narrow terminals, one row per metric and one column per layer (``rows="metric"``)."""
+        if rows not in ("layer", "metric"):
+            raise ValueError(f"rows must be 'layer' or 'metric', got {rows!r}")
         metrics = self.metric_names()
+        network_only = [m for m in self.network if m not in metrics]
         table = Table(title=title, show_lines=False)
+        if rows == "metric":
+            table.add_column("metric")
+            for r in self.layers:
+                table.add_column(f"{r.index}: {r.name}", justify="right")
+            table.add_column(NETWORK, justify="right")
+            for m in (*metrics, *network_only):
+                table.add_row(m, *(_fmt(r.metrics.get(m)) for r in self.layers), _fmt(self.network.get(m)))
+            return table
         for col in ("l", "layer", "kind", "params", *metrics):
             header = col.replace("_", "\n")  # narrow columns: one word per line
             table.add_column(header, justify="left" if col in ("layer", "kind") else "right")
         for r in self.layers:
             table.add_row(str(r.index), r.name, r.kind, str(r.n_params), *(_fmt(r.metrics.get(m)) for m in metrics))
         if self.network:
-            extra = [m for m in self.network if m not in metrics]
-            table.add_row(
-                "",
-                NETWORK,
-                "",
-                str(sum(r.n_params for r in self.layers)),
-                *(_fmt(self.network.get(m)) for m in metrics),
-            )
-            for m in extra:
-                table.caption = (table.caption + "  " if table.caption else "") + f"{m} = {_fmt(self.network[m])}"
+            total = str(sum(r.n_params for r in self.layers))
+            table.add_row("", NETWORK, "", total, *(_fmt(self.network.get(m)) for m in metrics))
+            table.caption = "  ".join(f"{m} = {_fmt(self.network[m])}" for m in network_only) or None
         return table
+
+    def table_width(self) -> int:
+        """Roughly the width the one-row-per-layer table needs, in characters."""
+        return 40 + 11 * len(self.metric_names())
 
 
 def _fmt(v: float | None) -> str:

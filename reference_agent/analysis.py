@@ -88,7 +88,10 @@ def load_factory(spec: str) -> nn.Module:
     factory = getattr(importlib.import_module(module_name), attr, None)
     if not callable(factory):
         raise ValueError(f"--model: {spec} is not a callable")
-    model = factory()
+    try:
+        model = factory()
+    except Exception as err:  # the user's code: report it in one line
+        raise ValueError(f"--model: {spec}() failed: {type(err).__name__}: {err}") from None
     if not isinstance(model, nn.Module):
         raise ValueError(f"--model: {spec}() returned {type(model).__name__}, not an nn.Module")
     return model

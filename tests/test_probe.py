@@ -203,3 +203,9 @@ def test_report_rows_dict_json_and_table() -> None:
     console.print(report.table(title="t"))
     text = console.export_text()
     assert "effective" in text and "rank" in text and "network" in text and "nan" in text
+    console = Console(width=200, record=True)
+    console.print(report.table(rows="metric"))
+    lines = console.export_text().splitlines()
+    assert any(line.startswith("│ effective_rank") and "nan" in line for line in lines)
+    with pytest.raises(ValueError, match="rows"):
+        report.table(rows="nope")
