@@ -41,16 +41,20 @@ def label(cfg: DQNConfig) -> str:
     if cfg.reg is Reg.none:
         return "no regularization"
     every = "every update" if cfg.reg_every.value == "update" else "target updates only"
-    return f"{cfg.reg.value} λ={cfg.lam:g} δ={cfg.delta:g}, {every}"
+    layers = f", layers {'+'.join(cfg.reg_layers)} only" if cfg.reg_layers else ""
+    return f"{cfg.reg.value} λ={cfg.lam:g} δ={cfg.delta:g}, {every}{layers}"
 
 
 def best_per_penalty(curves: list[GroupCurve]) -> list[GroupCurve]:
-    """The baseline and, per penalty, the setting with the highest smoothed mean return."""
-    best: dict[Reg, GroupCurve] = {}
+    """The baseline and, per penalty (and penalized-layer subset), the setting with the highest
+    smoothed mean return."""
+    best: dict[tuple[Reg, tuple[str, ...]], GroupCurve] = {}
     for c in curves:
-        if c.config.reg not in best or c.mean.max() > best[c.config.reg].mean.max():
-            best[c.config.reg] = c
-    return [best[r] for r in Reg if r in best]
+        key = (c.config.reg, c.config.reg_layers)
+        if key not in best or c.mean.max() > best[key].mean.max():
+            best[key] = c
+    order = list(Reg)
+    return sorted(best.values(), key=lambda c: (order.index(c.config.reg), c.config.reg_layers))
 
 
 def _selected(curves: list[GroupCurve]) -> list[GroupCurve]:
