@@ -30,6 +30,7 @@ from plasticity_probe.layers import FeatureHooks, LayerInfo, call_model, layer_c
 __all__ = [
     "Penalty",
     "SuccessiveRegularizer",
+    "gram_eigenvalues",
     "l1_penalty",
     "l2_penalty",
     "l2init_penalty",
@@ -74,8 +75,21 @@ def singular_penalty(features: torch.Tensor) -> torch.Tensor:
     Differentiable: the eigenvalue gradient ``v vᵀ`` involves no eigenvalue gaps."""
     phi = features.reshape(features.shape[0], -1) if features.ndim > 1 else features.reshape(1, -1)
     gram = phi.T @ phi if phi.shape[0] >= phi.shape[1] else phi @ phi.T
-    eig = torch.linalg.eigvalsh(gram)
+    eig = gram_eigenvalues(gram)
     return eig[-1] - eig[0].clamp_min(0.0) if eig.numel() > 1 else eig[-1] - eig[-1]
+
+
+def gram_eigenvalues(gram: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues (ascending, differentiable) of a symmetric Gram matrix. LAPACK's float32
+    ``syevd`` can fail to converge on nearly rank-deficient Gram matrices with many repeated
+    near-zero eigenvalues (seen with MountainCar features right after learning starts); the
+    decomposition is then redone in float64 and cast back."""
+    try:
+        return torch.linalg.eigvalsh(gram)
+    except torch.linalg.LinAlgError:
+        if gram.dtype == torch.float64:
+            raise
+        return torch.linalg.eigvalsh(gram.double()).to(gram.dtype)
 
 
 class SuccessiveRegularizer:

@@ -1,10 +1,10 @@
-"""The reference agent's checkpoint format (version 1).
+"""The reference agent's checkpoint format (version 2; version 1 files are upgraded on load).
 
 A ``torch.save`` dict that ``torch.load(path, weights_only=True)`` reads (tensors, numbers,
 strings, lists and dicts only)::
 
     format        "plasticity-probe/dqn-checkpoint"
-    version       1
+    version       2
     config        DQNConfig.to_dict()
     versions      {"torch", "gymnasium", "numpy", "plasticity_probe"}
     step          environment steps taken
@@ -18,6 +18,7 @@ strings, lists and dicts only)::
     buffer        {"pos", "size", "obs", "actions", "rewards", "next_obs", "terminated"}
     probe_batch   {"obs", "actions", "rewards", "next_obs", "terminated"} or None
     stats         {"sums": float64 tensor [td_loss, q, target, penalty], "count"}: the open log interval
+                  (version 1 had no penalty sum, and logged TD loss + penalty as the loss)
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 from reference_agent.rundir import atomic_write
 
 FORMAT = "plasticity-probe/dqn-checkpoint"
-VERSION = 1
+VERSION = 2
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
@@ -48,6 +49,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     data = torch.load(path, map_location="cpu", weights_only=True)
     if not is_agent_checkpoint(data):
         raise ValueError(f"{path} is not a reference-agent checkpoint")
+    if data["version"] == 1:  # upgrade: add the penalty sum (its loss sum already included the penalty)
+        sums = data["stats"]["sums"]
+        data["stats"]["sums"] = torch.cat([sums, sums.new_zeros(1)])
+        data["version"] = VERSION
     if data["version"] != VERSION:
         raise ValueError(f"{path}: checkpoint version {data['version']} is not supported (want {VERSION})")
     return data

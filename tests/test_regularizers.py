@@ -123,6 +123,26 @@ def test_singular_penalty_wide_matrix_uses_smaller_gram() -> None:
     assert float(pp.singular_penalty(phi)) == pytest.approx(s[0] ** 2 - s[-1] ** 2, rel=1e-9)
 
 
+def test_degenerate_gram_from_a_real_run_falls_back_to_float64() -> None:
+    """A 64×64 Gram matrix of MountainCar features on which float32 LAPACK fails to converge
+    (it stopped two runs of the paper sweep before the fallback existed)."""
+    from pathlib import Path
+
+    from plasticity_probe.regularizers import gram_eigenvalues
+
+    gram = torch.load(Path(__file__).parent / "data" / "degenerate_gram.pt", weights_only=True)
+    assert gram.dtype == torch.float32 and gram.shape == (64, 64)
+    with pytest.raises(torch.linalg.LinAlgError):
+        torch.linalg.eigvalsh(gram)
+    ref = np.linalg.eigvalsh(gram.double().numpy())
+    g = gram.clone().requires_grad_()
+    eig = gram_eigenvalues(g)
+    assert eig.dtype == torch.float32
+    assert float(eig[-1]) == pytest.approx(ref[-1], rel=1e-5)
+    (eig[-1] - eig[0]).backward()
+    assert g.grad is not None and bool(torch.isfinite(g.grad).all())
+
+
 def test_every_schedule_adds_nothing_off_schedule(model: Scrambled) -> None:
     x = torch.randn(4, 3)
     reg = pp.SuccessiveRegularizer(model, "l2", lam=1.0, delta=1.0, every=5, example_input=x)
