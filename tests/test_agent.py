@@ -167,6 +167,21 @@ def test_resume_after_crash_drops_records_past_the_checkpoint(tmp_path: Path) ->
     assert (tmp_path / "partial" / "metrics.jsonl").read_text() == (run / "metrics.jsonl").read_text()
 
 
+def test_version_1_checkpoint_resumes(tmp_path: Path) -> None:
+    cfg = tiny_config(total_steps=800, checkpoint_every=400)
+    ref = train(cfg, tmp_path / "ref")
+    stopped = train(cfg, tmp_path / "old", progress=lambda s, *_: s == 400 and os.kill(os.getpid(), signal.SIGINT))
+    assert stopped.step == 400
+    path = tmp_path / "old" / "checkpoint.pt"
+    data = torch.load(path, weights_only=True)
+    data["version"], data["stats"]["sums"] = 1, data["stats"]["sums"][:3]  # the version-1 layout
+    torch.save(data, path)
+    assert train(None, tmp_path / "old", resume=True).state == "finished"
+    ref_evals = [r for r in rundir.read_jsonl(ref.run_dir / "metrics.jsonl") if r["kind"] == "eval"]
+    old_evals = [r for r in rundir.read_jsonl(tmp_path / "old" / "metrics.jsonl") if r["kind"] == "eval"]
+    assert ref_evals == old_evals
+
+
 def test_resume_with_a_different_config_is_refused(tmp_path: Path) -> None:
     cfg = tiny_config(total_steps=400, checkpoint_every=200)
     train(cfg, tmp_path / "r")
