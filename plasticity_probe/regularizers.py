@@ -80,16 +80,24 @@ def singular_penalty(features: torch.Tensor) -> torch.Tensor:
 
 
 def gram_eigenvalues(gram: torch.Tensor) -> torch.Tensor:
-    """Eigenvalues (ascending, differentiable) of a symmetric Gram matrix. LAPACK's float32
-    ``syevd`` can fail to converge on nearly rank-deficient Gram matrices with many repeated
-    near-zero eigenvalues (seen with MountainCar features right after learning starts); the
-    decomposition is then redone in float64 and cast back."""
+    """Eigenvalues (ascending, differentiable) of a symmetric PSD Gram matrix ΦᵀΦ.
+
+    LAPACK's divide-and-conquer ``syevd`` can fail to converge, in float32 and float64 alike, when
+    many rows and columns are exactly zero (dead units: seen with MountainCar, 43 of 64 units dead
+    right after learning starts). Those rows contribute exact zero eigenvalues, so on failure they
+    are set aside and the rest is decomposed in float64; should that fail too, the singular values
+    of the Gram matrix (equal to its eigenvalues, as it is PSD) are used."""
     try:
         return torch.linalg.eigvalsh(gram)
     except torch.linalg.LinAlgError:
-        if gram.dtype == torch.float64:
-            raise
-        return torch.linalg.eigvalsh(gram.double()).to(gram.dtype)
+        live = (gram != 0).any(dim=0)
+        reduced = gram[live][:, live].double()
+        try:
+            eig = torch.linalg.eigvalsh(reduced)
+        except torch.linalg.LinAlgError:
+            eig = torch.linalg.svdvals(reduced).flip(0)
+        zeros = eig.new_zeros(int((~live).sum()))
+        return torch.sort(torch.cat([zeros, eig])).values.to(gram.dtype)
 
 
 class SuccessiveRegularizer:
