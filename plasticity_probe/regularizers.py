@@ -82,22 +82,28 @@ def singular_penalty(features: torch.Tensor) -> torch.Tensor:
 def gram_eigenvalues(gram: torch.Tensor) -> torch.Tensor:
     """Eigenvalues (ascending, differentiable) of a symmetric PSD Gram matrix ΦᵀΦ.
 
-    LAPACK's divide-and-conquer ``syevd`` can fail to converge, in float32 and float64 alike, when
-    many rows and columns are exactly zero (dead units: seen with MountainCar, 43 of 64 units dead
-    right after learning starts). Those rows contribute exact zero eigenvalues, so on failure they
+    LAPACK's divide-and-conquer ``syevd`` can fail to converge, or return NaN without an error,
+    when many rows and columns are exactly zero (dead units: seen with MountainCar, 43 of 64 units
+    dead right after learning starts). Those rows contribute exact zero eigenvalues, so then they
     are set aside and the rest is decomposed in float64; should that fail too, the singular values
-    of the Gram matrix (equal to its eigenvalues, as it is PSD) are used."""
+    of the Gram matrix (equal to its eigenvalues, as it is PSD) are used. A non-finite Gram matrix
+    (a diverged network) gives NaN eigenvalues, which the caller's loss check reports."""
+    if not bool(torch.isfinite(gram).all()):
+        return torch.full(gram.shape[:1], float("nan"), dtype=gram.dtype, device=gram.device)
     try:
-        return torch.linalg.eigvalsh(gram)
+        eig = torch.linalg.eigvalsh(gram)
+        if bool(torch.isfinite(eig).all()):
+            return eig
     except torch.linalg.LinAlgError:
-        live = (gram != 0).any(dim=0)
-        reduced = gram[live][:, live].double()
-        try:
-            eig = torch.linalg.eigvalsh(reduced)
-        except torch.linalg.LinAlgError:
-            eig = torch.linalg.svdvals(reduced).flip(0)
-        zeros = eig.new_zeros(int((~live).sum()))
-        return torch.sort(torch.cat([zeros, eig])).values.to(gram.dtype)
+        pass
+    live = (gram != 0).any(dim=0)
+    reduced = gram[live][:, live].double()
+    try:
+        kept = torch.linalg.eigvalsh(reduced)
+    except torch.linalg.LinAlgError:
+        kept = torch.linalg.svdvals(reduced).flip(0)
+    zeros = kept.new_zeros(int((~live).sum()))
+    return torch.sort(torch.cat([zeros, kept])).values.to(gram.dtype)
 
 
 class SuccessiveRegularizer:

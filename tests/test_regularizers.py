@@ -145,6 +145,14 @@ def test_degenerate_gram_from_a_real_run() -> None:
     assert g.grad is not None and bool(torch.isfinite(g.grad).all())
 
 
+def test_non_finite_gram_gives_nan_not_an_exception() -> None:
+    from plasticity_probe.regularizers import gram_eigenvalues
+
+    gram = torch.eye(3)
+    gram[0, 1] = float("nan")
+    assert bool(torch.isnan(gram_eigenvalues(gram)).all())
+
+
 def test_every_schedule_adds_nothing_off_schedule(model: Scrambled) -> None:
     x = torch.randn(4, 3)
     reg = pp.SuccessiveRegularizer(model, "l2", lam=1.0, delta=1.0, every=5, example_input=x)
