@@ -154,7 +154,6 @@ def _agent_reports(
                 distance = weights[record.name].metrics.get("distance_from_init")
                 if distance is not None:
                     record.metrics["distance_from_init"] = distance
-        notes += [f"{name}: {n}" for n in report.notes]
         reports[name] = report
     if hessian:
         notes.append("online: Hessian of the TD loss (target network fixed) on the stored probe batch")
