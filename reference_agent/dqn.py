@@ -172,6 +172,7 @@ def train(
     buffer = ReplayBuffer(cfg.capacity, obs_dim)
     probe_batch: Batch | None = None
     stats, stats_count = torch.zeros(4, dtype=torch.float64), 0  # sums of TD loss, Q, target, penalty
+    no_penalty = torch.zeros(())  # the baseline's penalty: no tensor made or backpropagated per step
     step, episode, ep_actions, ep_return = 0, 0, [], 0.0
     obs, _ = env.reset(seed=episode_seed(cfg.seed, 0, episode))
 
@@ -293,9 +294,9 @@ def train(
                         probe_batch = buffer.gather(idx)
                     batch = buffer.sample(rng, cfg.batch_size)
                     loss, q_sa, y = td_loss(q, target, batch, cfg.gamma)
-                    penalty = reg(t) if reg is not None else loss.new_zeros(())
+                    penalty = reg(t) if reg is not None else no_penalty
                     optimizer.zero_grad(set_to_none=True)
-                    (loss + penalty).backward()
+                    (loss + penalty if reg is not None else loss).backward()
                     optimizer.step()
                     stats += torch.stack((loss.detach(), q_sa.detach().mean(), y.mean(), penalty.detach())).double()
                     stats_count += 1
