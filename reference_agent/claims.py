@@ -78,17 +78,24 @@ def _compare(
     return _pairs_verdict(wins, clear), f"wins {sum(wins)}/{len(wins)} ({n_clear} clear); " + "; ".join(lines)
 
 
+def _values(run: Run, metric: str, layer: str) -> list[float | None]:
+    """One plasticity metric of a run, in step order (None where it was not finite)."""
+    return [
+        v
+        for _, v in sorted(
+            (r["step"], r["value"]) for r in run.plasticity if r["metric"] == metric and r["layer"] == layer
+        )
+    ]
+
+
 def _last_minus_first(run: Run, metric: str, layer: str) -> float | None:
-    rows = sorted((r["step"], r["value"]) for r in run.plasticity if r["metric"] == metric and r["layer"] == layer)
-    rows = [(s, v) for s, v in rows if v is not None]
-    if len(rows) < 2:
-        return None
-    return float(rows[-1][1] - rows[0][1])
+    values = [v for v in _values(run, metric, layer) if v is not None]
+    return float(values[-1] - values[0]) if len(values) >= 2 else None
 
 
 def _final(run: Run, metric: str, layer: str) -> float | None:
-    rows = sorted((r["step"], r["value"]) for r in run.plasticity if r["metric"] == metric and r["layer"] == layer)
-    return rows[-1][1] if rows and rows[-1][1] is not None else None
+    values = _values(run, metric, layer)
+    return values[-1] if values else None
 
 
 def init_vs_final(run: Run, metrics: tuple[str, ...] = ("zero_fraction",)) -> dict[str, tuple[float, float]]:
