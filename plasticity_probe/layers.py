@@ -1,54 +1,170 @@
-"""Finding the layers of any ``nn.Module`` in forward order, and capturing their features.
+"""The layers of any ``nn.Module`` in forward order, and each layer's features, found by
+following the data flow. One mechanism, used by ``Probe``, ``SuccessiveRegularizer``, the
+interventions and the integrations.
 
-A *layer* is a module that owns parameters directly (``Linear``, ``Conv*``, any custom module
-with its own weights). Normalization modules (BatchNorm, LayerNorm, GroupNorm, RMSNorm) own
-parameters too but are skipped by default, so that "the layer after a Linear" is the next
-weight layer; name them explicitly to include them. Layers are numbered l = 1, 2, … in the order
-their ``forward`` is entered during a traced pass, not in registration order.
+*Layer*: a module that owns a parameter with ≥ 2 dimensions — a weight matrix or kernel, a
+parametrized weight (``parametrizations.weight_norm``/``spectral_norm``, whose tensors live in
+``module.parametrizations``) or a weight that a parent reads directly without calling the
+module (``MultiheadAttention.out_proj``). Layers are numbered l = 1, 2, … in the order they are
+first called (or first read) in a pass.
 
-The *features* of layer l are the input of layer l + 1 (so functional and in-place activations
-are included), reshaped to layer l's output shape when the element counts match (conv features
-stay ``(N, C, H, W)`` across a ``Flatten``); the features of the last layer are its output.
+*Features* of a layer: its own output, followed through its own *chain* — element-wise
+activations (module, functional or in-place), normalizations, casts, and element-wise
+arithmetic with a number or a parameter/buffer (scalers, PReLU, norm affine). The chain ends at
+anything that mixes or moves data: add or multiply with another data tensor, cat, pooling,
+dropout, reshape/flatten/permute/indexing, another layer. The data flow is tracked with a
+``TorchFunctionMode`` that sees every torch function on the tensors, so functional and in-place
+activations count, and branches (dueling heads, actor-critic), residual adds and transformers
+get the right tensor.
+
+*Units*: channels (dim 1) for conv layers, the last dimension otherwise; every leading
+dimension is a sample, so ``(N, T, d)`` features become ``(N·T, d)``. A layer called several
+times in one pass (a shared encoder, a recurrent cell unrolled step by step) contributes all
+its calls, stacked along the samples.
+
+*Parameters* that belong to no layer (norm affine or scalers applied to a residual stream,
+a policy's ``log_std``) are kept in groups, one per owning module, so that nothing is dropped
+from reports, totals or penalties: a group's parameters are counted with the layer called next
+after the group is first read (the last layer if none follows, or if never read).
+
+Captured features are copies taken when the chain ends (before any in-place change that ends
+it), detached unless the capture is differentiable (the ``singular`` penalty). Capturing never
+changes the model's output, gradients, train/eval mode, BatchNorm statistics or the RNG.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
+from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["FeatureHooks", "LayerInfo", "SkippedModule", "discover_layers", "layer_candidates"]
+__all__ = [
+    "Args",
+    "Consumer",
+    "DataFlowTracer",
+    "LayerInfo",
+    "ParamGroup",
+    "SkippedModule",
+    "Trace",
+    "call_model",
+    "discover_layers",
+    "layer_candidates",
+]
 
 ROOT_NAME = "(root)"
 
-_NORM_TYPES: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._NormBase,
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.RMSNorm,
+# Chain ops, by torch function name (in-place variants lose their trailing "_").
+_ACTIVATIONS = frozenset(
+    {
+        "relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "elu", "selu", "celu", "leaky_relu", "rrelu",
+        "prelu", "hardtanh", "hardswish", "hardsigmoid", "mish", "softplus", "softsign", "tanhshrink",
+        "softshrink", "hardshrink", "threshold", "logsigmoid", "sin", "cos", "exp", "abs", "neg", "square",
+        "clamp", "clip", "clamp_min", "clamp_max", "erf",
+    }
+)  # fmt: skip
+_NORMS = frozenset(
+    {"layer_norm", "batch_norm", "group_norm", "instance_norm", "rms_norm", "normalize", "local_response_norm"}
 )
+_CASTS = frozenset({"contiguous", "float", "double", "half", "bfloat16", "to", "type", "type_as"})
+_ELEMENTWISE_BINARY = frozenset(
+    {
+        "add", "sub", "mul", "div", "true_divide", "pow", "__add__", "__radd__", "__sub__", "__rsub__",
+        "__mul__", "__rmul__", "__truediv__", "__rtruediv__", "__iadd__", "__isub__", "__imul__",
+        "__itruediv__", "__pow__",
+    }
+)  # fmt: skip
+# Ops that neither extend nor end a chain: metadata queries and copies for side uses.
+_NEUTRAL = frozenset(
+    {
+        "__get__", "size", "dim", "numel", "stride", "is_contiguous", "data_ptr", "element_size", "ndimension",
+        "nelement", "__len__", "is_floating_point", "get_device", "__format__", "__repr__", "detach", "clone",
+        "_set_grad_enabled", "requires_grad_", "retain_grad", "__bool__", "item", "tolist", "numpy", "cpu",
+    }
+)  # fmt: skip
+# Ops that move data without mixing units (the route a consumer sees; see Consumer).
+_RESHAPES = frozenset({"flatten", "view", "reshape", "unflatten"})
+_DROPOUTS = frozenset({"dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d"})
+_MOVES = frozenset({"transpose", "permute", "movedim", "swapaxes", "swapdims", "t", "squeeze", "unsqueeze"})
 
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """One layer: its module path, 1-based forward index, kind and module."""
+    """One layer: module path, 1-based forward index, kind, module, and the qualified names of
+    the parameters counted with it (its own, and those applied in its feature chain)."""
 
     name: str
     index: int
     kind: str
     module: nn.Module = field(repr=False, compare=False)
+    params: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ParamGroup:
+    """Parameters that belong to no layer, grouped by owning module, with the forward index of
+    the layer they are counted with (for δ^l) and why they are not a layer's."""
+
+    name: str
+    index: int
+    params: tuple[str, ...]
+    reason: str
 
 
 @dataclass(frozen=True)
 class SkippedModule:
-    """A module that is not a layer, and why."""
+    """A module that is not a layer, or a layer without features, and why."""
 
     name: str
     reason: str
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """A layer that reads another layer's features. ``route`` says how they got there:
+    ``direct`` (the features themselves, maybe through dropout), ``reshape`` (through
+    flatten/view/reshape: conv channels become blocks of columns), or ``mixed`` (through an add,
+    cat, permute or any other op that mixes or moves units: which inputs are whose is unknown)."""
+
+    layer: str
+    route: str
+
+
+@dataclass
+class Trace:
+    """What one pass showed: layers in forward order, their features, the parameter groups,
+    modules that are not layers (or layers without features), notes, and for each layer the
+    layers that consume its features."""
+
+    layers: list[LayerInfo]
+    features: dict[str, torch.Tensor]
+    groups: list[ParamGroup]
+    skipped: list[SkippedModule]
+    notes: list[str]
+    consumers: dict[str, list[Consumer]]
+
+
+class Args:
+    """Several arguments for one model call: ``probe.measure(pp.Args(obs, actions))`` calls
+    ``model(obs, actions)``. Any other batch (a tensor, a dict, a tuple) is passed as the single
+    positional argument."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args, self.kwargs = args, kwargs
+
+
+def call_model(model: nn.Module, batch: Any) -> Any:
+    """Call ``model`` on a batch: ``Args`` are spread, anything else is one positional argument."""
+    if isinstance(batch, Args):
+        return model(*batch.args, **batch.kwargs)
+    return model(batch)
 
 
 def display_name(path: str) -> str:
@@ -57,35 +173,46 @@ def display_name(path: str) -> str:
 
 
 def layer_kind(module: nn.Module) -> str:
-    """A short kind name: linear, conv, embedding, recurrent, norm or other."""
+    """A short kind name: linear, conv, embedding, recurrent, attention or other."""
     if isinstance(module, nn.Linear | nn.Bilinear):
         return "linear"
     if isinstance(module, nn.modules.conv._ConvNd):
         return "conv"
     if isinstance(module, nn.Embedding | nn.EmbeddingBag):
         return "embedding"
-    if isinstance(module, nn.RNNBase):
+    if isinstance(module, nn.RNNBase | nn.RNNCellBase):
         return "recurrent"
-    if isinstance(module, _NORM_TYPES):
-        return "norm"
+    if isinstance(module, nn.MultiheadAttention):
+        return "attention"
     return "other"
 
 
-def _owns_parameters(module: nn.Module) -> bool:
-    return any(True for _ in module.parameters(recurse=False))
+def own_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """A module's own parameters: direct ones and, for a parametrized module, the originals in
+    ``module.parametrizations``."""
+    params = list(module.parameters(recurse=False))
+    if parametrize.is_parametrized(module):
+        params += list(module.parametrizations.parameters())
+    return params
+
+
+def _is_layer(module: nn.Module) -> bool:
+    if isinstance(module, parametrize.ParametrizationList):
+        return False  # its originals belong to the parametrized module
+    return any(p.ndim >= 2 for p in own_parameters(module))
 
 
 def layer_candidates(
     model: nn.Module, names: Sequence[str] | None = None
 ) -> tuple[dict[str, nn.Module], list[SkippedModule]]:
-    """Modules that may be layers (keyed by display name) and the leaf modules that are not.
+    """Modules that are layers (keyed by display name) and the leaf modules that are not.
 
-    With ``names`` given, exactly those modules (display names or module paths) are candidates;
-    an unknown name raises ``ValueError``.
+    With ``names`` given, exactly those modules (display names or module paths) are layers; an
+    unknown name raises ``ValueError``.
     """
     modules = {display_name(path): m for path, m in model.named_modules()}
     if names is not None:
-        wanted = [display_name(n) if n else ROOT_NAME for n in names]
+        wanted = [display_name(n) for n in names]
         unknown = [n for n in wanted if n not in modules]
         if unknown:
             raise ValueError(f"unknown layer name(s) {unknown}; known: {sorted(modules)}")
@@ -93,141 +220,443 @@ def layer_candidates(
     candidates: dict[str, nn.Module] = {}
     skipped: list[SkippedModule] = []
     for name, module in modules.items():
-        if _owns_parameters(module):
-            if isinstance(module, _NORM_TYPES):
-                skipped.append(SkippedModule(name, "normalization layer (name it to include it)"))
-            else:
-                candidates[name] = module
+        if _is_layer(module):
+            candidates[name] = module
+        elif isinstance(module, parametrize.ParametrizationList) or ".parametrizations." in f".{name}.":
+            continue
         elif not any(True for _ in module.children()):
-            skipped.append(SkippedModule(name, "no parameters of its own"))
+            own = list(module.parameters(recurse=False))
+            reason = (
+                "not a layer (parameters of < 2 dimensions): its parameters are counted with the layer "
+                "whose feature chain applies them, or in a group"
+                if own
+                else "no parameters of its own"
+            )
+            skipped.append(SkippedModule(name, reason))
     return candidates, skipped
 
 
-def _first_tensor(args: tuple[Any, ...]) -> torch.Tensor | None:
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            return a
+def _first_tensor(obj: Any) -> torch.Tensor | None:
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, tuple | list):  # includes PackedSequence (its data comes first)
+        for item in obj:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
     return None
 
 
-class FeatureHooks:
-    """Forward hooks that record the forward order of candidate layers and their features.
+def _tensors(args: Sequence[Any], kwargs: dict[str, Any] | None) -> list[torch.Tensor]:
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            out.append(a)
+        elif isinstance(a, tuple | list):
+            out += [t for t in a if isinstance(t, torch.Tensor)]
+    if kwargs:
+        out += [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
+    return out
 
-    A pass starts when the root module's ``forward`` is entered; within a pass, the first call
-    of each layer is recorded. With ``detach=True`` tensors are detached and cloned in the hook
-    (so later in-place operations cannot change them); otherwise they are kept in the graph,
-    for differentiable penalties. ``active()`` decides per call whether to record (e.g. only
-    when autograd is enabled). Use as a context manager or call ``attach``/``remove``.
+
+def _is_inplace(name: str, kwargs: dict[str, Any] | None) -> bool:
+    if name.endswith("_") and not name.startswith("__"):
+        return True
+    if name.startswith("__i") or name == "__setitem__":
+        return True
+    return bool(kwargs) and (kwargs.get("inplace") is True or "out" in kwargs)  # type: ignore[union-attr]
+
+
+class _Chain:
+    """The chain of one call of one layer: its current head (the only member an op can extend)
+    and the copy of the head taken when the chain ended."""
+
+    __slots__ = ("head", "layer", "snapshot")
+
+    def __init__(self, layer: str, head: torch.Tensor) -> None:
+        self.layer = layer
+        self.head = head
+        self.snapshot: torch.Tensor | None = None
+
+
+_ROUTE_RANK = {"direct": 0, "reshape": 1, "mixed": 2}
+
+
+def _route_after(op: str, route: str) -> str:
+    """The route of an op's output, given the route of its input (see ``Consumer``); ``moved``
+    marks a transpose/permute, which mixes units for a consumer but not for ``_from_sublayer``."""
+    if op in _DROPOUTS:
+        return route
+    if op in _RESHAPES and route in ("direct", "reshape"):
+        return "reshape"
+    if op in _MOVES and route != "mixed":
+        return "moved"
+    return "mixed"
+
+
+class _Mode(TorchFunctionMode):
+    def __init__(self, tracer: DataFlowTracer) -> None:
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
+        return self.tracer._on_op(func, args, kwargs)
+
+
+class DataFlowTracer:
+    """Follow the data flow of ``model`` to find its layers, their features and consumers.
+
+    Two ways to record:
+
+    * ``with tracer.record():`` — everything inside the block is one pass (``Probe.capture``,
+      ``SuccessiveRegularizer.capture``);
+    * ``tracer.attach_auto()`` — hooks stay on the model and each pass with autograd enabled is
+      recorded; ``tracer.take()`` returns the first pass since the previous ``take()``
+      (``SuccessiveRegularizer``). A pass starts at whichever layer is called first; a later call
+      of a layer already in the pass belongs to it only while a module call of that pass is
+      still running or when its input derives from the pass (a recurrent unroll), otherwise it
+      starts a later pass, which is ignored.
+
+    Args:
+        model: the network.
+        names: module paths of the layers (default: every module owning a ≥ 2-D parameter).
+        detach: features are detached copies (``True``) or differentiable ones.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        candidates: dict[str, nn.Module],
-        *,
-        detach: bool,
-        active: Callable[[], bool] = lambda: True,
-    ) -> None:
+    def __init__(self, model: nn.Module, names: Sequence[str] | None = None, *, detach: bool = True) -> None:
         self.model = model
-        self.candidates = candidates
         self.detach = detach
-        self.active = active
-        self.order: list[str] = []
-        self._inputs: dict[str, torch.Tensor] = {}
-        self._outputs: dict[str, torch.Tensor] = {}
+        self.candidates, self.skipped = layer_candidates(model, names)
+        self._name_of_module = {id(m): n for n, m in self.candidates.items()}
+        self._param_names = {id(p): n for n, p in model.named_parameters()}
+        self._static = {id(t) for t in model.parameters()} | {id(b) for b in model.buffers()}
+        self._weight_owner = {
+            id(p): name for name, m in self.candidates.items() for p in own_parameters(m) if p.ndim >= 2
+        }
         self._handles: list[RemovableHandle] = []
+        self._mode: _Mode | None = None
+        self._auto = False
+        self._reset()
 
-    def _keep(self, t: torch.Tensor) -> torch.Tensor:
-        return t.detach().clone() if self.detach else t
+    # ----------------------------------------------------------------- state of one pass
+    def _reset(self) -> None:
+        self._order: list[str] = []
+        self._calls: dict[str, list[_Chain]] = {}
+        self._chain_of: dict[int, _Chain] = {}  # id(head) -> chain; heads are kept alive by their chain
+        self._called: set[str] = set()  # layers whose forward was called
+        self._prov: WeakIdKeyDictionary = WeakIdKeyDictionary()  # tensor -> ((layer, route), ...)
+        self._stack: list[str] = []
+        self._chain_params: dict[str, str] = {}  # parameter name -> layer whose chain applied it
+        self._first_read: dict[str, int] = {}  # parameter name -> layers called before its first read
+        self._consumers: dict[str, dict[str, str]] = {}
+        self._internal: set[str] = set()  # layers whose output is a sublayer's
+        self._notes: list[str] = []
+        self._depth = 0
+        self._epoch = 0  # incremented whenever the outermost module call returns
+        self._pass_epoch = 0
+        self._closed = False  # auto mode: a later pass began; ignore until take()
 
-    def _start_pass(self, _module: nn.Module, _args: tuple[Any, ...]) -> None:
-        if self.active():
-            self.order = []
-            self._inputs = {}
-            self._outputs = {}
+    # ----------------------------------------------------------------- hooks
+    def _attach_layer_hooks(self) -> None:
+        for name, module in self.candidates.items():
+            self._handles.append(module.register_forward_pre_hook(self._pre_hook(name), with_kwargs=True))
+            self._handles.append(module.register_forward_hook(self._post_hook(name), always_call=True))
 
-    def _pre_hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
-        def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
-            if not self.active() or name in self._inputs:
-                return
-            x = _first_tensor(args)
-            if x is not None:
-                self.order.append(name)
-                self._inputs[name] = self._keep(x)
-
-        return hook
-
-    def _post_hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
-        def hook(_module: nn.Module, _args: tuple[Any, ...], output: Any) -> None:
-            if not self.active() or name in self._outputs or name not in self._inputs:
-                return
-            out = output if isinstance(output, torch.Tensor) else _first_tensor(tuple(output))
-            if out is not None:
-                self._outputs[name] = self._keep(out)
-
-        return hook
-
-    def attach(self) -> FeatureHooks:
-        try:
-            self._handles.append(self.model.register_forward_pre_hook(self._start_pass))
-            for name, module in self.candidates.items():
-                self._handles.append(module.register_forward_pre_hook(self._pre_hook(name)))
-                self._handles.append(module.register_forward_hook(self._post_hook(name)))
-        except BaseException:
-            self.remove()
-            raise
-        return self
-
-    def remove(self) -> None:
+    def _remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
 
-    def __enter__(self) -> FeatureHooks:
-        return self.attach()
+    def _pre_hook(self, name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if self._auto and not self._auto_accepts(name, args, kwargs):
+                self._stack.append("")  # keep the stack balanced; "" records nothing
+                return
+            self._stack.append(name)
+            self._note_inputs(name, _tensors(args, kwargs))
 
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
+        return hook
 
-    def layers(self) -> list[LayerInfo]:
-        """Layers of the last pass in forward order."""
-        return [
-            LayerInfo(name, i, layer_kind(self.candidates[name]), self.candidates[name])
-            for i, name in enumerate(self.order, start=1)
-        ]
+    def _post_hook(self, name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, _args: tuple[Any, ...], output: Any) -> None:
+            if not self._stack:
+                return
+            top = self._stack.pop()
+            if top != name:
+                return
+            out = _first_tensor(output)
+            if out is None:
+                return
+            if self._from_sublayer(name, out):
+                self._internal.add(name)
+                return
+            self._new_chain(name, out)
 
-    def not_called(self) -> list[SkippedModule]:
-        return [
-            SkippedModule(name, "not called in the forward pass")
-            for name in self.candidates
-            if name not in self._inputs
-        ]
+        return hook
 
-    def features(self) -> dict[str, torch.Tensor]:
-        """Features of each layer of the last pass, keyed by name, in forward order."""
-        result: dict[str, torch.Tensor] = {}
-        for name, nxt in zip(self.order, self.order[1:], strict=False):
-            x = self._inputs[nxt]
-            out = self._outputs.get(name)
-            if out is not None and out.shape != x.shape and out.numel() == x.numel():
-                x = x.reshape(out.shape)
-            result[name] = x
-        if self.order and self.order[-1] in self._outputs:
-            result[self.order[-1]] = self._outputs[self.order[-1]]
+    def _from_sublayer(self, name: str, out: torch.Tensor) -> bool:
+        """Whether ``out`` is (a moved copy of) the output of a layer called inside ``name``'s
+        call, e.g. MultiheadAttention returning its ``out_proj`` result."""
+        inner = self._order[self._order.index(name) + 1 :]
+        return any(layer in inner and route != "mixed" for layer, route in self._prov.get(out, ()))
+
+    def _note_inputs(self, name: str, inputs: Sequence[torch.Tensor]) -> None:
+        self._called.add(name)
+        if name not in self._calls:
+            self._order.append(name)
+            self._calls[name] = []
+        self._note_consumer(name, inputs)
+        for t in inputs:
+            chain = self._chain_of.get(id(t))
+            if chain is not None:
+                self._end(chain)
+
+    def _note_consumer(self, name: str, inputs: Sequence[torch.Tensor]) -> None:
+        for t in inputs:
+            for src, route in self._prov.get(t, ()):
+                if src == name:
+                    continue
+                route = "mixed" if route == "moved" else route
+                by = self._consumers.setdefault(src, {})
+                if _ROUTE_RANK[route] >= _ROUTE_RANK.get(by.get(name, "direct"), 0):
+                    by[name] = route
+
+    def _new_chain(self, name: str, out: torch.Tensor) -> None:
+        chain = _Chain(name, out)
+        self._calls.setdefault(name, []).append(chain)
+        if name not in self._order:
+            self._order.append(name)
+        self._chain_of[id(out)] = chain
+        self._prov[out] = ((name, "direct"),)
+
+    def _end(self, chain: _Chain) -> None:
+        if chain.snapshot is None:
+            head = chain.head.detach() if self.detach else chain.head
+            chain.snapshot = head.clone()
+
+    # ----------------------------------------------------------------- the torch-function mode
+    def _on_op(self, func: Any, args: Sequence[Any], kwargs: Any) -> Any:
+        name = getattr(func, "__name__", "")
+        if name in _NEUTRAL:
+            return func(*args, **(kwargs or {}))
+        tensors = _tensors(args, kwargs)
+        chain: _Chain | None = None
+        sources: dict[tuple[str, str], None] = {}
+        direct_read: str | None = None
+        static: list[torch.Tensor] = []
+        for t in tensors:
+            key = id(t)
+            if chain is None:
+                chain = self._chain_of.get(key)
+            prov = self._prov.get(t)
+            if prov:
+                sources.update(dict.fromkeys(prov))
+            if key in self._static:
+                static.append(t)
+                owner = self._weight_owner.get(key)
+                if owner is not None and owner not in self._called and owner not in self._stack:
+                    direct_read = owner
+        if static:
+            self._note_reads(static)
+        extends = chain is not None and self._extends(name, args, tensors, chain)
+        for t in tensors:  # every chain this op consumes without extending it ends here
+            ended = self._chain_of.get(id(t))
+            if ended is not None and not (extends and ended is chain):
+                self._end(ended)
+        if direct_read is not None:
+            if direct_read not in self._order:
+                self._order.append(direct_read)
+            self._note_consumer(direct_read, tensors)
+        result = func(*args, **(kwargs or {}))
+        out = _first_tensor(result)
+        if out is None:
+            return result
+        if direct_read is not None:
+            self._new_chain(direct_read, out)
+        elif extends and chain is not None:
+            if out is not chain.head:
+                del self._chain_of[id(chain.head)]
+                chain.head = out
+                self._chain_of[id(out)] = chain
+            chain.snapshot = None
+            for p in static:
+                pname = self._param_names.get(id(p))  # buffers (running statistics) have none
+                if pname is not None:
+                    self._chain_params.setdefault(pname, chain.layer)
+            self._prov[out] = ((chain.layer, "direct"),)
+        elif sources:
+            self._prov[out] = tuple(dict.fromkeys((src, _route_after(name, r)) for src, r in sources))
         return result
 
-    def clear(self) -> None:
-        self._inputs = {}
-        self._outputs = {}
+    def _extends(self, name: str, args: Sequence[Any], tensors: Sequence[torch.Tensor], chain: _Chain) -> bool:
+        """Whether the op continues ``chain``: an element-wise activation, norm or cast of its
+        head, or element-wise arithmetic of the head with numbers, parameters or buffers."""
+        base = name[:-1] if name.endswith("_") and not name.startswith("__") else name
+        if base in _ACTIVATIONS or base in _NORMS or base in _CASTS:
+            first = args[0] if args else None
+            return first is chain.head and all(id(t) in self._static for t in tensors if t is not first)
+        if base in _ELEMENTWISE_BINARY:
+            data = [t for t in tensors if id(t) not in self._static and t.ndim > 0]
+            return len(data) == 1 and data[0] is chain.head
+        return False
 
+    def _note_reads(self, static: Sequence[torch.Tensor]) -> None:
+        for t in static:
+            pname = self._param_names.get(id(t))
+            if pname is not None and pname not in self._first_read:
+                self._first_read[pname] = len(self._order)
 
-def call_model(model: nn.Module, batch: Any) -> Any:
-    """Call ``model`` on a batch: a tensor, a tuple/list of positional args, or a dict of kwargs."""
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, tuple | list):
-        return model(*batch)
-    return model(batch)
+    # ----------------------------------------------------------------- block recording
+    @contextmanager
+    def record(self) -> Iterator[DataFlowTracer]:
+        """Record everything inside the block as one pass."""
+        self._reset()
+        self._attach_layer_hooks()
+        self._mode = _Mode(self)
+        try:
+            with self._mode:
+                yield self
+        finally:
+            self._mode = None
+            self._remove()
+
+    # ----------------------------------------------------------------- automatic recording
+    def attach_auto(self) -> DataFlowTracer:
+        """Keep hooks on the model and record each pass with autograd enabled (see class doc)."""
+        self._reset()
+        self._auto = True
+        try:
+            self._attach_layer_hooks()
+            for module in self.model.modules():
+                self._handles.append(module.register_forward_pre_hook(self._enter))
+                self._handles.append(module.register_forward_hook(self._leave, always_call=True))
+        except BaseException:
+            self.detach_auto()
+            raise
+        return self
+
+    def detach_auto(self) -> None:
+        self._remove()
+        if self._mode is not None:
+            self._mode.__exit__(None, None, None)
+            self._mode = None
+        self._auto = False
+
+    def _enter(self, _module: nn.Module, _args: tuple[Any, ...]) -> None:
+        if self._depth == 0 and torch.is_grad_enabled() and not self._closed:
+            self._mode = _Mode(self)
+            self._mode.__enter__()
+        self._depth += 1
+
+    def _leave(self, _module: nn.Module, _args: tuple[Any, ...], _output: Any) -> None:
+        self._depth = max(self._depth - 1, 0)
+        if self._depth == 0:
+            self._epoch += 1
+            if self._mode is not None:
+                self._mode.__exit__(None, None, None)
+                self._mode = None
+
+    def _auto_accepts(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        if not torch.is_grad_enabled() or self._closed:
+            return False
+        if not self._order:
+            self._pass_epoch = self._epoch
+            return True
+        if name not in self._calls:
+            return True
+        inside = self._depth > 0 and self._epoch == self._pass_epoch  # inside a module call of this pass
+        derived = any(t in self._prov for t in _tensors(args, kwargs))
+        if inside or derived:
+            return True
+        self._closed = True
+        if self._mode is not None:
+            self._mode.__exit__(None, None, None)
+            self._mode = None
+        return False
+
+    def take(self) -> Trace | None:
+        """The first pass since the last ``take()`` (``None`` if there was none); starts afresh."""
+        trace = self.trace() if self._order else None
+        depth, epoch = self._depth, self._epoch
+        mode = self._mode
+        self._reset()
+        self._depth, self._epoch, self._mode = depth, epoch, mode
+        return trace
+
+    # ----------------------------------------------------------------- results
+    def trace(self) -> Trace:
+        """Layers, features, groups, skipped modules and consumers of the recorded pass."""
+        layers = []
+        for index, name in enumerate(self._order, start=1):
+            module = self.candidates[name]
+            own = [self._param_names[id(p)] for p in own_parameters(module) if id(p) in self._param_names]
+            chain = [p for p, owner in self._chain_params.items() if owner == name and p not in own]
+            layers.append(LayerInfo(name, index, layer_kind(module), module, tuple(dict.fromkeys(own + chain))))
+        features: dict[str, torch.Tensor] = {}
+        skipped = list(self.skipped)
+        notes = list(self._notes)
+        for info in layers:
+            chains = self._calls.get(info.name, [])
+            if not chains or info.name in self._internal:
+                reason = (
+                    "features internal to a fused op (its output is a sublayer's)"
+                    if info.name in self._internal
+                    else "no tensor output"
+                )
+                skipped.append(SkippedModule(info.name, f"layer without features: {reason}"))
+                continue
+            feats = self._stack_calls(info, chains, notes)
+            if feats is not None:
+                features[info.name] = feats
+        for name in self.candidates:
+            if name not in self._calls:
+                skipped.append(SkippedModule(name, "layer not called in the pass"))
+        return Trace(layers, features, self._groups(layers), skipped, notes, self._consumer_lists())
+
+    def _stack_calls(self, info: LayerInfo, chains: list[_Chain], notes: list[str]) -> torch.Tensor | None:
+        values = []
+        for chain in chains:
+            if chain.snapshot is None:
+                self._end(chain)
+            assert chain.snapshot is not None
+            x = chain.snapshot
+            if info.kind != "conv":
+                x = x.reshape(-1, x.shape[-1]) if x.ndim >= 2 else x.reshape(1, -1)
+            values.append(x)
+        if len(values) == 1:
+            return values[0]
+        if all(v.shape[1:] == values[0].shape[1:] for v in values):
+            return torch.cat(values)
+        notes.append(f"{info.name}: calls with different feature shapes; features are (positions, channels)")
+        return torch.cat([v.movedim(1, -1).reshape(-1, v.shape[1]) for v in values])
+
+    def _groups(self, layers: list[LayerInfo]) -> list[ParamGroup]:
+        assigned = {p for info in layers for p in info.params}
+        by_owner: dict[str, list[str]] = {}
+        for pname in self._param_names.values():
+            if pname in assigned:
+                continue
+            owner = display_name(pname.rpartition(".")[0])
+            by_owner.setdefault(owner, []).append(pname)
+        groups = []
+        last = len(layers)
+        for owner, params in by_owner.items():
+            reads = [self._first_read[p] for p in params if p in self._first_read]
+            if not reads:
+                index, reason = last, "not read in the pass; counted with the last layer"
+            else:
+                index = min(min(reads) + 1, last)
+                reason = "applied outside any layer's feature chain; counted with the next layer called"
+            if self._own_of_uncalled_layer(owner):
+                reason = "layer not called in the pass; counted with the last layer"
+            groups.append(ParamGroup(owner, max(index, 1), tuple(dict.fromkeys(params)), reason))
+        return groups
+
+    def _own_of_uncalled_layer(self, owner: str) -> bool:
+        return owner in self.candidates and owner not in self._order
+
+    def _consumer_lists(self) -> dict[str, list[Consumer]]:
+        return {src: [Consumer(layer, route) for layer, route in by.items()] for src, by in self._consumers.items()}
 
 
 def discover_layers(
@@ -235,7 +664,8 @@ def discover_layers(
 ) -> tuple[list[LayerInfo], list[SkippedModule]]:
     """Layers of ``model`` in forward order, from one traced forward pass on ``batch`` under
     ``torch.no_grad()``, and the modules that are not layers (with the reason)."""
-    candidates, skipped = layer_candidates(model, names)
-    with FeatureHooks(model, candidates, detach=True) as hooks, torch.no_grad():
+    tracer = DataFlowTracer(model, names)
+    with tracer.record(), torch.no_grad():
         call_model(model, batch)
-    return hooks.layers(), skipped + hooks.not_called()
+    trace = tracer.trace()
+    return trace.layers, trace.skipped

@@ -9,14 +9,17 @@
         model(obs)
     report = probe.report()
 
-Hooks exist only inside ``capture()`` and are removed on exit, also on error. Captured tensors
-are detached and cloned in the hook; capturing changes no output, gradient or train/eval mode.
+Hooks and the data-flow mode exist only inside ``capture()`` and are removed on exit, also on
+error; everything called inside the block is one pass (see :mod:`plasticity_probe.layers` for
+how layers, features and units are found). Captured tensors are detached copies; capturing
+changes no output, gradient, train/eval mode, BatchNorm statistic or RNG state.
+A ``torch.compile``d model is captured by running it eagerly inside the block.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -24,8 +27,8 @@ from torch import nn
 
 from plasticity_probe import metrics as M
 from plasticity_probe.hessian import hessian_spectrum
-from plasticity_probe.layers import FeatureHooks, LayerInfo, SkippedModule, call_model, layer_candidates
-from plasticity_probe.report import LayerRecord, Report
+from plasticity_probe.layers import DataFlowTracer, LayerInfo, ParamGroup, Trace, call_model
+from plasticity_probe.report import GroupRecord, LayerRecord, Report
 
 __all__ = ["DEFAULT_METRICS", "FEATURE_METRICS", "WEIGHT_METRICS", "Probe"]
 
@@ -58,17 +61,24 @@ def _weight_matrix(module: nn.Module) -> torch.Tensor | None:
     return None
 
 
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The eager module behind a ``torch.compile``d one (its hooks and names are the model's)."""
+    orig = getattr(model, "_orig_mod", None)
+    return orig if isinstance(orig, nn.Module) else model
+
+
 class Probe:
     """Layer-wise plasticity diagnostics for any ``nn.Module``.
 
     Args:
         model: the network to probe.
-        layers: module paths of the layers to probe (default: every module owning parameters,
-            normalization layers excepted), numbered in forward order.
+        layers: module paths of the layers to probe (default: every module owning a parameter
+            with ≥ 2 dimensions), numbered in forward order.
         metrics: which per-layer metrics to compute (default :data:`DEFAULT_METRICS`; any of
             :data:`WEIGHT_METRICS` and :data:`FEATURE_METRICS`).
         probe_batch: a fixed input batch for :meth:`measure`, reused across training so that data
-            drift is not mistaken for network change.
+            drift is not mistaken for network change (a tensor, a dict or tuple observation, or
+            :class:`~plasticity_probe.layers.Args` for several arguments).
         dormant_tau: τ of :func:`~plasticity_probe.metrics.dormant_fraction`.
         srank_delta: δ of :func:`~plasticity_probe.metrics.srank`.
     """
@@ -91,33 +101,36 @@ class Probe:
         self.probe_batch = probe_batch
         self.dormant_tau = dormant_tau
         self.srank_delta = srank_delta
-        self._candidates, self._skipped = layer_candidates(model, layers)
-        self._layers: list[LayerInfo] = []
-        self._features: dict[str, torch.Tensor] = {}
-        self._not_called: list[SkippedModule] = []
+        self._tracer = DataFlowTracer(_uncompiled(model), layers)
+        self._trace: Trace | None = None
 
     @contextmanager
     def capture(self) -> Iterator[Probe]:
-        """Record the features of the last forward pass of ``model`` inside the block."""
-        hooks = FeatureHooks(self.model, self._candidates, detach=True)
-        hooks.attach()
-        try:
+        """Record the features of everything the model computes inside the block (one pass)."""
+        stance = torch.compiler.set_stance("force_eager") if self.model is not _uncompiled(self.model) else nullcontext()
+        with stance, self._tracer.record():
             yield self
-        finally:
-            hooks.remove()
-        self._layers = hooks.layers()
-        self._features = hooks.features()
-        self._not_called = hooks.not_called()
+        self._trace = self._tracer.trace()
+        if not self._trace.layers:
+            raise RuntimeError(
+                "Probe.capture: no layer of the model was called inside the block; call the model "
+                "(any method) inside `with probe.capture():`"
+            )
 
     @property
     def layers(self) -> list[LayerInfo]:
         """Layers seen in the last capture, in forward order."""
-        return self._layers
+        return self._trace.layers if self._trace is not None else []
 
     @property
     def features(self) -> dict[str, torch.Tensor]:
         """Captured features of each layer (detached copies), keyed by layer name."""
-        return self._features
+        return self._trace.features if self._trace is not None else {}
+
+    @property
+    def groups(self) -> list[ParamGroup]:
+        """Parameters of the last capture that belong to no layer (see ``layers``)."""
+        return self._trace.groups if self._trace is not None else []
 
     def measure(
         self,
@@ -134,7 +147,7 @@ class Probe:
         if batch is None:
             raise ValueError("Probe.measure: no batch given and no probe_batch set")
         with self.capture(), torch.no_grad():
-            call_model(self.model, batch)
+            call_model(_uncompiled(self.model), batch)
         return self.report(
             loss_fn=loss_fn, hessian=hessian, per_layer_hessian=per_layer_hessian, hessian_kwargs=hessian_kwargs
         )
@@ -150,14 +163,16 @@ class Probe:
         """Per-layer metrics of the last capture, whole-network aggregates and, when ``loss_fn``
         is given with ``hessian=True``, the curvature of that loss w.r.t. all parameters (and per
         layer with ``per_layer_hessian=True``)."""
-        if not self._layers:
+        trace = self._trace
+        if trace is None:
             raise RuntimeError("Probe.report: nothing captured; call the model inside probe.capture()")
         records: list[LayerRecord] = []
-        notes: list[str] = []
+        notes: list[str] = list(trace.notes)
         kw = hessian_kwargs or {}
-        for info in self._layers:
-            params = list(info.module.parameters(recurse=False))
-            feats = self._features.get(info.name)
+        named = dict(self._tracer.model.named_parameters())
+        for info in trace.layers:
+            params = [named[p] for p in info.params]
+            feats = trace.features.get(info.name)
             values = self._weight_metrics(info.module, params)
             if feats is not None:
                 values.update(self._feature_metrics(feats))
@@ -168,15 +183,25 @@ class Probe:
                     notes.append(f"{info.name}: {spec.condition_note}")
             n_units = feats.shape[1] if feats is not None and feats.ndim >= 2 else None
             records.append(
-                LayerRecord(info.name, info.index, info.kind, sum(p.numel() for p in params), n_units, values)
+                LayerRecord(
+                    info.name, info.index, info.kind, sum(p.numel() for p in params), n_units, values, list(info.params)
+                )
             )
-        network = self._network_metrics()
+        groups = [self._group_record(g, named) for g in trace.groups]
+        network = self._network_metrics(trace)
         if loss_fn is not None and (hessian or per_layer_hessian):
             spec = hessian_spectrum(loss_fn, self.model, **kw)
             network.update(spec.as_metrics())
             if spec.condition_number is None:
                 notes.append(f"network: {spec.condition_note}")
-        return Report(records, network, self._skipped + self._not_called, notes)
+        return Report(records, network, trace.skipped, notes, groups)
+
+    def _group_record(self, group: ParamGroup, named: dict[str, nn.Parameter]) -> GroupRecord:
+        params = [named[p] for p in group.params]
+        return GroupRecord(
+            group.name, group.index, sum(p.numel() for p in params), list(group.params), group.reason,
+            {"weight_magnitude": M.weight_magnitude(params)},
+        )  # fmt: skip
 
     def _weight_metrics(self, module: nn.Module, params: Sequence[torch.Tensor]) -> dict[str, float]:
         values: dict[str, float] = {}
@@ -201,15 +226,16 @@ class Probe:
         }
         return {name: fn(feats) for name, fn in functions.items() if name in self.metrics}
 
-    def _network_metrics(self) -> dict[str, float]:
+    def _network_metrics(self, trace: Trace) -> dict[str, float]:
         """Weight magnitude over all parameters; dead, dormant and zero fractions pooled over the
-        units of the hidden layers (all probed layers but the last, whose output is the prediction)."""
+        units of the hidden layers: those whose features another layer reads (output layers,
+        whose features nothing reads, such as both heads of a dueling network, are left out)."""
         network: dict[str, float] = {}
         if "weight_magnitude" in self.metrics:
             network["weight_magnitude"] = M.weight_magnitude(self.model)
         if "mean_abs_weight" in self.metrics:
             network["mean_abs_weight"] = M.mean_abs_weight(self.model)
-        hidden = [self._features[i.name] for i in self._layers[:-1] if i.name in self._features]
+        hidden = [trace.features[i.name] for i in trace.layers if i.name in trace.features and trace.consumers.get(i.name)]
         if not hidden:
             return network
         widths = [M.as_unit_matrix(h).shape[1] for h in hidden]
@@ -225,8 +251,7 @@ class Probe:
 
     def close(self) -> None:
         """Drop the captured features (hooks never outlive ``capture()``)."""
-        self._features = {}
-        self._layers = []
+        self._trace = None
 
     def __enter__(self) -> Probe:
         return self

@@ -13,22 +13,37 @@ Penalties ``R`` (each usable on its own):
   (Kumar et al. 2020), from the forward pass that produced the loss.
 
 Layers are numbered l = 1..L in forward order (see :mod:`plasticity_probe.layers`), which is
-learned from the first forward pass the regularizer sees (or from ``example_input``).
+learned from the first forward pass the regularizer sees (or from ``example_input``). A layer's
+parameters include those applied in its feature chain (a LayerNorm's affine after it); the
+parameters of no layer (a policy's ``log_std``) are penalized as groups with the index of the
+layer they are counted with, so nothing escapes the parameter penalties.
+
+``variant="authors"`` reproduces the terms of the authors' public code (``dqn_agent.py`` of
+their CS285-based repository) instead of the equations, all over weight tensors (≥ 2-D) only and
+unsquared: ``l2`` (their ``weight_mag``): ``λ Σ_W δ^k ‖W‖₂``, k the tensor's position in
+``model.named_parameters()`` with biases counted (layer l's weight gets δ^(2l−2) in an MLP);
+``l2init`` (their ``regenerative_reg``): ``λ Σ_W δ^k ‖W − W_0‖₂``, k the position among the
+weight tensors (δ^(l−1)); ``singular`` (their ``singular_loss``): ``λ (σ_max² − σ_min²)`` of the
+penultimate features only (those an output layer reads), without δ.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterator, Sequence
 from enum import Enum
 from typing import Any
 
 import torch
 from torch import nn
 
-from plasticity_probe.layers import FeatureHooks, LayerInfo, call_model, layer_candidates
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from plasticity_probe.layers import DataFlowTracer, LayerInfo, ParamGroup, Trace, call_model
 
 __all__ = [
     "Penalty",
+    "Variant",
     "SuccessiveRegularizer",
     "gram_eigenvalues",
     "l1_penalty",
@@ -45,6 +60,13 @@ class Penalty(str, Enum):
     l2init = "l2init"
     l1 = "l1"
     singular = "singular"
+
+
+class Variant(str, Enum):
+    """Whose formula: the paper's equations, or the authors' public code (see module doc)."""
+
+    paper = "paper"
+    authors = "authors"
 
 
 def _norms(tensors: Sequence[torch.Tensor], order: int = 2) -> torch.Tensor:
@@ -106,6 +128,21 @@ def gram_eigenvalues(gram: torch.Tensor) -> torch.Tensor:
     return torch.sort(torch.cat([zeros, kept])).values.to(gram.dtype)
 
 
+@dataclass(frozen=True)
+class _Term:
+    """One penalized unit: a layer, a parameter group, or (authors' l2) one weight tensor."""
+
+    name: str
+    weight: float  # δ^k, without λ
+    params: tuple[torch.Tensor, ...]
+    names: tuple[str, ...]
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    orig = getattr(model, "_orig_mod", None)
+    return orig if isinstance(orig, nn.Module) else model
+
+
 class SuccessiveRegularizer:
     """A drop-in loss term ``λ Σ_l δ^l R(θ^[l])`` added when ``step % every == 0``.
 
@@ -115,25 +152,25 @@ class SuccessiveRegularizer:
         loss = td_loss + reg(step)       # after the forward pass that produced td_loss
 
     Args:
-        model: any module; its layers are found by forward hooks (see ``plasticity_probe.layers``).
+        model: any module; layers and features are found by following the data flow.
         penalty: ``l2``, ``l2init``, ``l1`` or ``singular``.
         lam: λ, the overall strength.
         delta: δ, the per-layer growth factor: layer l is weighted ``δ^l``.
         every: add the penalty only when ``step % every == 0`` (1 = every update).
-        layers: module paths of the layers to penalize (default: all layers). Indices l stay
-            those of the full forward order, so penalizing only the penultimate layer of a
-            3-layer MLP weights it by δ².
-        squared: ``False`` uses unsquared norms for ``l2``/``l2init`` (the authors' code).
-        per_tensor_index: weight each parameter *tensor* by δ^k, k = 0, 1, … over weight and bias
-            tensors in forward order (the authors' code: layer l's weight gets δ^(2l−2)).
-        example_input: a batch to learn the forward order at construction; otherwise it is
-            learned from the first forward pass of ``model``.
+        layers: module paths of the layers to penalize (default: all layers and parameter
+            groups). Indices l stay those of the full forward order, so penalizing only the
+            penultimate layer of a 3-layer MLP weights it by δ².
+        variant: ``paper`` (the equations) or ``authors`` (their code's terms; see module doc).
+        example_input: a batch to learn the forward order at construction (required for a
+            ``torch.compile``d model); otherwise it is learned from the first forward pass.
 
-    ``l2init`` snapshots θ_0 at construction: build the regularizer before the first update.
-    θ_0 is kept on the parameters' device and dtype and saved by ``state_dict()``.
-    After each call, ``last_terms`` maps layer name to its detached weighted term
-    ``λ δ^l R(θ^[l])`` (empty on skipped steps). Parameter penalties are computed for all
-    layers at once (fused per-tensor norms); the singular penalty layer by layer.
+    The ``singular`` penalty uses the features of the first forward pass with autograd enabled
+    since the previous call; ``with reg.capture(): ...`` picks the pass explicitly (everything
+    in the block). ``l2init`` snapshots θ_0 at construction: build the regularizer before the
+    first update; θ_0 follows the parameters' device and dtype and is saved by ``state_dict()``.
+    After each call, ``last_terms`` maps each penalized unit to its detached weighted term
+    ``λ δ^l R`` (empty on skipped steps). Parameter penalties are computed for all units at once
+    (fused per-tensor norms) and need no hooks once the order is known.
     """
 
     def __init__(
@@ -145,172 +182,239 @@ class SuccessiveRegularizer:
         every: int = 1,
         layers: Sequence[str] | None = None,
         *,
-        squared: bool = True,
-        per_tensor_index: bool = False,
+        variant: Variant | str = Variant.paper,
         example_input: Any = None,
     ) -> None:
         try:
             self.penalty = Penalty(penalty)
         except ValueError:
             raise ValueError(f"unknown penalty {penalty!r}; choose one of {[p.value for p in Penalty]}") from None
+        try:
+            self.variant = Variant(variant)
+        except ValueError:
+            raise ValueError(f"unknown variant {variant!r}; choose 'paper' or 'authors'") from None
+        if self.variant is Variant.authors and self.penalty is Penalty.l1:
+            raise ValueError("the authors' code has no l1 penalty; use variant='paper'")
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
         if lam < 0 or delta <= 0:
             raise ValueError(f"need lam >= 0 and delta > 0, got lam={lam}, delta={delta}")
-        if per_tensor_index and self.penalty is Penalty.singular:
-            raise ValueError("per_tensor_index applies to parameter penalties, not 'singular'")
-        self.model = model
+        eager = _uncompiled(model)
+        if eager is not model and (self.penalty is Penalty.singular or example_input is None):
+            raise ValueError(
+                "SuccessiveRegularizer on a torch.compile'd model: the singular penalty needs each forward "
+                "pass's features, which compiled code does not expose; parameter penalties need example_input="
+            )
+        self.model = eager
         self.lam, self.delta, self.every = float(lam), float(delta), int(every)
-        self.squared, self.per_tensor_index = squared, per_tensor_index
         self.selected = list(layers) if layers is not None else None
-        candidates, _ = layer_candidates(model)
-        self._hooks = FeatureHooks(model, candidates, detach=False, active=torch.is_grad_enabled).attach()
-        self._layers: list[LayerInfo] | None = None
-        self.init: dict[str, list[torch.Tensor]] = {
-            name: [p.detach().clone() for p in m.parameters(recurse=False)] for name, m in candidates.items()
-        }
+        self.init: dict[str, torch.Tensor] = {n: p.detach().clone() for n, p in eager.named_parameters()}
+        self._tracer = DataFlowTracer(eager, detach=False)
+        self._trace: Trace | None = None
+        self._terms: list[_Term] = []
+        self._scoped: Trace | None = None
         self._last: tuple[list[str], torch.Tensor] | None = None
-        self._params: list[torch.Tensor] = []
-        self._weights: tuple[torch.Tensor, torch.Tensor, list[str]] | None = None
+        self._weights: torch.Tensor | None = None
         if example_input is not None:
-            with torch.enable_grad():
-                call_model(model, example_input)
-            self._learn_order()
+            with self._tracer.record(), torch.enable_grad():
+                call_model(eager, example_input)
+            self._learn(self._tracer.trace())
+        if self.penalty is Penalty.singular or self._trace is None:
+            self._tracer.attach_auto()
 
+    # ----------------------------------------------------------------- structure
     @property
     def layers(self) -> list[LayerInfo]:
         """The penalized layers with their forward indices (after the first forward pass)."""
-        if self._layers is None:
-            self._learn_order()
-        assert self._layers is not None
-        return self._layers
+        return [info for info in self._structure().layers if self.selected is None or info.name in self.selected]
 
-    def _learn_order(self) -> None:
-        order = self._hooks.layers()
-        if not order:
-            raise RuntimeError(
-                "SuccessiveRegularizer: no forward pass seen yet; call the model (with autograd "
-                "enabled) before reg(step), or pass example_input="
-            )
+    @property
+    def groups(self) -> list[ParamGroup]:
+        """Parameters of no layer, penalized with the index of the layer they are counted with
+        (empty when ``layers=`` selects a subset)."""
+        return self._structure().groups if self.selected is None else []
+
+    def _structure(self) -> Trace:
+        if self._trace is None:
+            trace = self._tracer.take()
+            if trace is None:
+                raise RuntimeError(
+                    "SuccessiveRegularizer: no forward pass seen yet; call the model (with autograd "
+                    "enabled) before reg(step), or pass example_input="
+                )
+            self._learn(trace)
+            self._pending_first = trace
+        assert self._trace is not None
+        return self._trace
+
+    def _learn(self, trace: Trace) -> None:
         if self.selected is not None:
-            known = {info.name for info in order}
+            known = {info.name for info in trace.layers}
             unknown = [n for n in self.selected if n not in known]
             if unknown:
                 raise ValueError(f"layers {unknown} are not layers of the model; layers: {sorted(known)}")
-            order = [info for info in order if info.name in self.selected]
-        self._layers = order
-        self._params = [p for info in order for p in info.module.parameters(recurse=False)]
+        self._trace = trace
+        self._terms = self._build_terms(trace)
         if self.penalty is not Penalty.singular:
-            self._hooks.remove()  # the order is all parameter penalties need: no hot-path hooks
+            self._tracer.detach_auto()  # the order is all parameter penalties need: no hot-path hooks
+
+    def _build_terms(self, trace: Trace) -> list[_Term]:
+        named = dict(self.model.named_parameters())
+        layers = [info for info in trace.layers if self.selected is None or info.name in self.selected]
+        if self.penalty is Penalty.singular:
+            if self.variant is Variant.authors:
+                layers = [info for info in layers if info.name in self._penultimate(trace)]
+                return [_Term(info.name, 1.0, (), ()) for info in layers]
+            return [_Term(info.name, self.delta**info.index, (), ()) for info in layers]
+        if self.variant is Variant.authors:  # their loops run over named_parameters(), not forward order
+            mine = {n for info in layers for n in info.params if named[n].ndim >= 2}
+            if self.penalty is Penalty.l2:
+                position = {n: k for k, n in enumerate(named)}
+            else:
+                position = {n: k for k, n in enumerate(n for n, p in named.items() if p.ndim >= 2)}
+            return [_Term(n, self.delta ** position[n], (named[n],), (n,)) for n in named if n in mine]
+        units: list[tuple[str, int, tuple[str, ...]]] = [(i.name, i.index, i.params) for i in layers]
+        if self.selected is None:
+            units += [(f"group:{g.name}", g.index, g.params) for g in trace.groups]
+        seen: set[str] = set()  # a tied parameter is penalized once, with the first unit using it
+        terms = []
+        for name, index, params in units:
+            mine = tuple(p for p in params if p not in seen)
+            seen.update(mine)
+            if mine:
+                terms.append(_Term(name, self.delta**index, tuple(named[p] for p in mine), mine))
+        return terms
+
+    @staticmethod
+    def _penultimate(trace: Trace) -> set[str]:
+        """Layers whose features an output layer (one whose features nothing reads) reads."""
+        outputs = {info.name for info in trace.layers if not trace.consumers.get(info.name)}
+        return {src for src, consumers in trace.consumers.items() if any(c.layer in outputs for c in consumers)}
 
     def weights(self) -> dict[str, float]:
-        """δ^l per penalized layer (the first tensor's weight under ``per_tensor_index``)."""
-        return {info.name: self.delta**info.index for info in self.layers}
+        """δ^k of each penalized unit (layer, ``group:<module>``, or weight tensor), without λ."""
+        self._structure()
+        return {t.name: t.weight for t in self._terms}
+
+    # ----------------------------------------------------------------- the penalty
+    @contextmanager
+    def capture(self) -> Iterator[SuccessiveRegularizer]:
+        """Use the features of everything inside the block for the next ``singular`` penalty."""
+        scoped = DataFlowTracer(self.model, detach=False)
+        self._tracer.detach_auto()
+        try:
+            with scoped.record(), torch.enable_grad():
+                yield self
+            self._scoped = scoped.trace()
+        finally:
+            self._tracer.attach_auto() if self.penalty is Penalty.singular else None
 
     def __call__(self, step: int) -> torch.Tensor:
-        layers = self.layers
+        self._structure()
+        features = self._features_of_pass()
         if step % self.every != 0:
             self._last = None
-            return self._params[0].new_zeros(())
-        if self.penalty is Penalty.singular or not (self.squared or self.per_tensor_index):
-            names, terms = self._layer_terms(layers)
+            return self.model_zero()
+        if self.penalty is Penalty.singular:
+            assert features is not None
+            names, terms = self._singular_terms(features)
         else:
-            names, terms = self._fused_terms()
+            names, terms = self._parameter_terms()
         self._last = (names, terms.detach())
         return terms.sum()
 
+    def model_zero(self) -> torch.Tensor:
+        """A zero of the parameters' dtype and device (the value on skipped steps)."""
+        p = next(self.model.parameters())
+        return p.new_zeros(())
+
+    def _features_of_pass(self) -> dict[str, torch.Tensor] | None:
+        if self.penalty is not Penalty.singular:
+            return None
+        first = getattr(self, "_pending_first", None)
+        self._pending_first = None
+        trace = self._scoped or first or self._tracer.take()
+        self._scoped = None
+        if trace is None:
+            raise RuntimeError(
+                "singular penalty: no forward pass with autograd enabled since the last call; call the "
+                "model before reg(step), or wrap the pass in `with reg.capture():`"
+            )
+        return trace.features
+
+    def _singular_terms(self, features: dict[str, torch.Tensor]) -> tuple[list[str], torch.Tensor]:
+        terms = []
+        for term in self._terms:
+            if term.name not in features:
+                raise RuntimeError(f"singular penalty: no features of layer {term.name!r} in the pass")
+            terms.append((self.lam * term.weight) * singular_penalty(features[term.name]))
+        return [t.name for t in self._terms], torch.stack(terms)
+
+    def _parameter_terms(self) -> tuple[list[str], torch.Tensor]:
+        """All units at once: per-tensor norms in one foreach kernel, summed per unit with
+        ``index_add``, weighted by the precomputed ``λ δ^k``."""
+        params = [p for t in self._terms for p in t.params]
+        if self.penalty is Penalty.l2init:
+            init = [self._init_like(n, p) for t in self._terms for n, p in zip(t.names, t.params, strict=True)]
+            params = list(torch._foreach_sub(params, init))
+        per_tensor = _norms(params, 1) if self.penalty is Penalty.l1 else _norms(params)
+        weights, owner = self._weights_for(per_tensor)
+        if self.variant is Variant.authors:  # unsquared ‖W‖ per weight tensor
+            per_unit = per_tensor.new_zeros(len(self._terms)).index_add(0, owner, per_tensor)
+            return [t.name for t in self._terms], weights * per_unit
+        if self.penalty is not Penalty.l1:
+            per_tensor = per_tensor.square()
+        per_unit = per_tensor.new_zeros(len(self._terms)).index_add(0, owner, per_tensor)
+        return [t.name for t in self._terms], weights * per_unit
+
+    def _weights_for(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._weights is None or self._weights.device != like.device or self._weights.dtype != like.dtype:
+            self._weights = torch.tensor(
+                [self.lam * t.weight for t in self._terms], dtype=like.dtype, device=like.device
+            )
+            self._owner = torch.tensor(
+                [i for i, t in enumerate(self._terms) for _ in t.params], dtype=torch.long, device=like.device
+            )
+        return self._weights, self._owner
+
+    def _init_like(self, name: str, p: torch.Tensor) -> torch.Tensor:
+        init = self.init[name]
+        if init.device != p.device or init.dtype != p.dtype:
+            init = self.init[name] = init.to(device=p.device, dtype=p.dtype)
+        return init
+
     @property
     def last_terms(self) -> dict[str, torch.Tensor]:
-        """Detached weighted terms ``λ δ^l R(θ^[l])`` of the last call, by layer (or by tensor
-        under ``per_tensor_index``); empty after a skipped step."""
+        """Detached weighted terms ``λ δ^k R`` of the last call, by penalized unit; empty after a
+        skipped step."""
         if self._last is None:
             return {}
         names, values = self._last
         return dict(zip(names, values.unbind(), strict=True))
 
-    def _layer_terms(self, layers: list[LayerInfo]) -> tuple[list[str], torch.Tensor]:
-        """One term per layer, computed layer by layer (singular, unsquared norms)."""
-        features = self._hooks.features() if self.penalty is Penalty.singular else {}
-        terms = []
-        for info in layers:
-            params = list(info.module.parameters(recurse=False))
-            if self.penalty is Penalty.l2:
-                r = l2_penalty(params, self.squared)
-            elif self.penalty is Penalty.l2init:
-                r = l2init_penalty(params, self._init_on(info.name, params), self.squared)
-            elif self.penalty is Penalty.l1:
-                r = l1_penalty(params)
-            else:
-                if info.name not in features:
-                    raise RuntimeError(
-                        f"singular penalty: no features of layer {info.name!r} captured; "
-                        "call the model with autograd enabled before reg(step)"
-                    )
-                r = singular_penalty(features[info.name])
-            terms.append((self.lam * self.delta**info.index) * r)
-        return [info.name for info in layers], torch.stack(terms)
-
-    def _fused_terms(self) -> tuple[list[str], torch.Tensor]:
-        """Parameter penalties of all layers at once: per-tensor norms in one foreach kernel,
-        summed per layer with ``index_add``, weighted by the precomputed ``λ δ^l``."""
-        params: Sequence[torch.Tensor] = self._params
-        if self.penalty is Penalty.l2init:
-            init = [t for info in self.layers for t in self._init_on(info.name, info.module.parameters(recurse=False))]
-            params = torch._foreach_sub(self._params, init)
-        per_tensor = _norms(params, 1) if self.penalty is Penalty.l1 else _norms(params)
-        if self.penalty is not Penalty.l1 and self.squared:
-            per_tensor = per_tensor.square()
-        weights, owner, names = self._weights_for(per_tensor)
-        if self.per_tensor_index:
-            return names, weights * per_tensor
-        per_layer = per_tensor.new_zeros(len(self.layers)).index_add(0, owner, per_tensor)
-        return names, weights * per_layer
-
-    def _weights_for(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        if self._weights is None or self._weights[0].device != like.device or self._weights[0].dtype != like.dtype:
-            layer_of, tensor_names = [], []
-            for i, info in enumerate(self.layers):
-                for pname, _ in info.module.named_parameters(recurse=False):
-                    layer_of.append(i)
-                    tensor_names.append(f"{info.name}.{pname}")
-            if self.per_tensor_index:
-                powers, names = list(range(len(layer_of))), tensor_names
-            else:
-                powers, names = [info.index for info in self.layers], [info.name for info in self.layers]
-            weights = torch.tensor([self.lam * self.delta**k for k in powers], dtype=like.dtype, device=like.device)
-            owner = torch.tensor(layer_of, dtype=torch.long, device=like.device)
-            self._weights = (weights, owner, names)
-        return self._weights
-
-    def _init_on(self, name: str, params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-        params = list(params)
-        init = self.init[name]
-        if init and (init[0].device != params[0].device or init[0].dtype != params[0].dtype):
-            init = [p0.to(device=p.device, dtype=p.dtype) for p0, p in zip(init, params, strict=True)]
-            self.init[name] = init
-        return init
-
+    # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """θ_0 and the settings; loadable with ``torch.load(weights_only=True)``."""
+        """θ_0 (by parameter name) and the settings; loadable with ``torch.load(weights_only=True)``."""
         return {
             "penalty": self.penalty.value,
+            "variant": self.variant.value,
             "lam": self.lam,
             "delta": self.delta,
             "every": self.every,
-            "init": {name: list(tensors) for name, tensors in self.init.items()},
+            "init": dict(self.init),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore θ_0 (e.g. on resume, so the run regularizes toward the same θ_0)."""
         init = state["init"]
         if set(init) != set(self.init):
-            raise ValueError(f"θ_0 layers {sorted(init)} do not match the model's {sorted(self.init)}")
-        for name, tensors in init.items():
+            raise ValueError(f"θ_0 parameters {sorted(init)} do not match the model's {sorted(self.init)}")
+        for name, tensor in init.items():
             mine = self.init[name]
-            if [t.shape for t in tensors] != [t.shape for t in mine]:
-                raise ValueError(f"θ_0 shapes of layer {name!r} do not match the model")
-            self.init[name] = [t.to(device=m.device, dtype=m.dtype) for t, m in zip(tensors, mine, strict=True)]
+            if tensor.shape != mine.shape:
+                raise ValueError(f"θ_0 shape of {name!r} is {tuple(tensor.shape)}, the model's {tuple(mine.shape)}")
+            self.init[name] = tensor.to(device=mine.device, dtype=mine.dtype)
 
     def close(self) -> None:
         """Remove the regularizer's hooks from the model."""
-        self._hooks.remove()
+        self._tracer.detach_auto()

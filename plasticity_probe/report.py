@@ -11,21 +11,22 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from rich.table import Table
 
 from plasticity_probe.layers import SkippedModule
 
-__all__ = ["NETWORK", "LayerRecord", "Report"]
+__all__ = ["NETWORK", "GroupRecord", "LayerRecord", "Report"]
 
 NETWORK = "network"
 
 
 @dataclass
 class LayerRecord:
-    """Metrics of one layer: module path, 1-based forward index, kind, sizes, metric values."""
+    """Metrics of one layer: module path, 1-based forward index, kind, sizes, metric values and
+    the qualified names of the parameters counted with it."""
 
     name: str
     index: int
@@ -33,17 +34,32 @@ class LayerRecord:
     n_params: int
     n_units: int | None
     metrics: dict[str, float] = field(default_factory=dict)
+    params: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GroupRecord:
+    """Parameters that belong to no layer (see ``plasticity_probe.layers.ParamGroup``): owning
+    module, the forward index they are counted with, their names, why, and weight metrics."""
+
+    name: str
+    index: int
+    n_params: int
+    params: list[str]
+    reason: str
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
 class Report:
-    """A plasticity report: one record per layer, whole-network aggregates, skipped modules and
-    notes (e.g. why a condition number is undefined)."""
+    """A plasticity report: one record per layer, whole-network aggregates, skipped modules,
+    notes (e.g. why a condition number is undefined) and the parameter groups."""
 
     layers: list[LayerRecord]
     network: dict[str, float] = field(default_factory=dict)
     skipped: list[SkippedModule] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    groups: list[GroupRecord] = field(default_factory=list)
 
     def __getitem__(self, name: str) -> LayerRecord:
         for record in self.layers:
@@ -77,9 +93,11 @@ class Report:
                     "n_params": r.n_params,
                     "n_units": r.n_units,
                     "metrics": dict(r.metrics),
+                    "params": list(r.params),
                 }
                 for r in self.layers
             ],
+            "groups": [asdict(g) for g in self.groups],
             "network": dict(self.network),
             "skipped": [{"name": s.name, "reason": s.reason} for s in self.skipped],
             "notes": list(self.notes),
@@ -95,6 +113,7 @@ class Report:
             network={k: _none_to_nan(v) for k, v in data.get("network", {}).items()},
             skipped=[SkippedModule(**s) for s in data.get("skipped", [])],
             notes=list(data.get("notes", [])),
+            groups=[GroupRecord(**g) for g in data.get("groups", [])],
         )
 
     def to_json(self, **kwargs: Any) -> str:

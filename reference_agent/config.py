@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from plasticity_probe.regularizers import Variant
+
 
 class Reg(str, Enum):
     """Which penalty to add to the TD loss (``none`` = the no-regularization baseline)."""
@@ -64,8 +66,9 @@ class DQNConfig:
     """δ, per-layer growth: layer l weighted δ^l (the paper's best: 1.25; 1 = constant)."""
     reg_every: RegEvery = RegEvery.update
     """Add the penalty every update, or only when t mod τ = 0 (target updates)."""
-    reg_squared: bool = True
-    """Squared norms for l2/l2init as in the paper's equations (False: the authors' code)."""
+    reg_variant: Variant = Variant.paper
+    """Penalty formula: paper (the equations) or authors (their code: unsquared weight-only l2/l2init
+    with their indexing, singular on the penultimate features without δ)."""
     reg_layers: tuple[str, ...] = ()
     """Layers to penalize, by module path (empty: all; "net.2": the penultimate layer only, as
     the authors' code did for singular with delta 1). Indices l stay those of the full network."""
@@ -91,6 +94,7 @@ class DQNConfig:
     def __post_init__(self) -> None:
         self.reg = Reg(self.reg)
         self.reg_every = RegEvery(self.reg_every)
+        self.reg_variant = Variant(self.reg_variant)
         self.hidden_sizes = tuple(int(h) for h in self.hidden_sizes)
         self.reg_layers = tuple(str(name) for name in self.reg_layers)
         problems = []
@@ -131,8 +135,8 @@ class DQNConfig:
             reg = "none"
         else:
             reg = f"{self.reg.value}_lam{self.lam:g}_d{self.delta:g}_{self.reg_every.value}"
-            if not self.reg_squared:
-                reg += "_unsquared"
+            if self.reg_variant is Variant.authors:
+                reg += "_authors"
             if self.reg_layers:
                 reg += "_layers-" + "+".join(self.reg_layers)
         return f"{self.env_id}__{reg}__s{self.seed}"
@@ -141,6 +145,7 @@ class DQNConfig:
         d = dataclasses.asdict(self)
         d["reg"] = self.reg.value
         d["reg_every"] = self.reg_every.value
+        d["reg_variant"] = self.reg_variant.value
         d["hidden_sizes"] = list(self.hidden_sizes)
         d["reg_layers"] = list(self.reg_layers)
         return d
@@ -149,9 +154,12 @@ class DQNConfig:
     def from_dict(cls, data: dict[str, Any]) -> DQNConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - names
+        if data.get("reg_squared") is False:
+            raise ValueError("reg_squared=False was replaced by reg_variant='authors' (which is not the same penalty)")
+        unknown.discard("reg_squared")
         if unknown:
             raise ValueError(f"unknown config field(s): {sorted(unknown)}")
-        return cls(**data)
+        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 def epsilon(step: int, cfg: DQNConfig) -> float:

@@ -165,7 +165,7 @@ def train(
             cfg.delta,
             every=every,
             layers=list(cfg.reg_layers) or None,
-            squared=cfg.reg_squared,
+            variant=cfg.reg_variant,
             example_input=torch.zeros(1, obs_dim),
         )
     optimizer = torch.optim.Adam(q.parameters(), lr=cfg.learning_rate, fused=True)

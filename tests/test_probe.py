@@ -113,8 +113,10 @@ def test_cnn_channels_and_skipped_modules() -> None:
     assert report["conv"].metrics["dead_fraction"] == 1.0
     assert report["conv"].metrics["effective_rank"] == 0.0
     skipped = {s.name: s.reason for s in report.skipped}
-    assert "normalization" in skipped["norm"]
+    assert "not a layer" in skipped["norm"]
     assert "flat" in skipped
+    assert report["conv"].params == ["conv.weight", "conv.bias", "norm.weight", "norm.bias"]  # BN applied in its chain
+    assert report.groups == []
 
 
 def test_unused_layer_is_listed_not_dropped() -> None:

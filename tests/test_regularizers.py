@@ -54,22 +54,74 @@ def test_l2_is_lambda_sum_delta_l_norm_squared(model: Scrambled) -> None:
     assert reg.weights() == {"a": 1.5, "b": 2.25, "c": 3.375}
 
 
-def test_l1_and_unsquared_variants(model: Scrambled) -> None:
+def test_l1(model: Scrambled) -> None:
     x = torch.randn(7, 3)
     l1 = pp.SuccessiveRegularizer(model, "l1", lam=1.0, delta=2.0, example_input=x)
     expected = sum(2.0**l * sum(float(p.abs().sum()) for p in m.parameters()) for l, m in enumerate(order(model), 1))
     assert float(l1(0)) == pytest.approx(expected, rel=1e-6)
-    un = pp.SuccessiveRegularizer(model, "l2", lam=1.0, delta=1.0, squared=False, example_input=x)
-    assert float(un(0)) == pytest.approx(sum(np.sqrt(sq(m)) for m in order(model)), rel=1e-6)
 
 
-def test_per_tensor_index_reproduces_authors_code(model: Scrambled) -> None:
-    reg = pp.SuccessiveRegularizer(
-        model, "l2", lam=1.0, delta=2.0, per_tensor_index=True, example_input=torch.randn(2, 3)
-    )
-    tensors = [t for m in order(model) for t in (m.weight, m.bias)]
-    expected = sum(2.0**k * float((t.detach() ** 2).sum()) for k, t in enumerate(tensors))
-    assert float(reg(0)) == pytest.approx(expected, rel=1e-6)  # layer l's weight gets δ^(2l−2)
+class AuthorsCritic(nn.Module):
+    """The authors' MLP critic, with their ``predict`` returning the hidden activations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[3](self.net[2](self.net[1](self.net[0](x))))
+
+
+def authors_loss(critic: AuthorsCritic, obs: torch.Tensor, penalty: str, lam: float, delta: float, t0: list) -> torch.Tensor:
+    """The three terms of the authors' dqn_agent.py, written out as their loops do."""
+    loss = torch.zeros(())
+    if penalty == "l2":  # weight_mag: enumerate over every named parameter, add the weights' norms
+        for i, (name, param) in enumerate(critic.named_parameters()):
+            if "weight" in name:
+                loss = loss + lam * (delta**i) * torch.norm(param, p=2)
+    elif penalty == "l2init":  # regenerative_reg: enumerate over the weights only
+        weights = [param for name, param in critic.named_parameters() if "weight" in name]
+        for i, param in enumerate(weights):
+            loss = loss + lam * (delta**i) * torch.norm(param - t0[i], p=2)
+    else:  # singular_loss: penultimate activations, no δ
+        s = torch.linalg.svdvals(critic.hidden(obs))
+        loss = loss + lam * (torch.max(s) ** 2 - torch.min(s) ** 2)
+    return loss
+
+
+@pytest.mark.parametrize("penalty", ["l2", "l2init", "singular"])
+def test_authors_variant_reproduces_their_terms_value_and_gradient(penalty: str) -> None:
+    torch.manual_seed(0)
+    critic, obs = AuthorsCritic().double(), torch.randn(64, 4, dtype=torch.float64)
+    t0 = [p.detach().clone() for n, p in critic.named_parameters() if "weight" in n]
+    reg = pp.SuccessiveRegularizer(critic, penalty, lam=0.1, delta=1.5, variant="authors", example_input=obs)
+    with torch.no_grad():  # move away from θ_0 so l2init is not zero
+        for p in critic.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    critic(obs)
+    ours = reg(0)
+    g_ours = torch.autograd.grad(ours, list(critic.parameters()), allow_unused=True)
+    theirs = authors_loss(critic, obs, penalty, 0.1, 1.5, t0)
+    g_theirs = torch.autograd.grad(theirs, list(critic.parameters()), allow_unused=True)
+    assert float(ours) == pytest.approx(float(theirs), rel=1e-9)
+    for (name, _), a, b in zip(critic.named_parameters(), g_ours, g_theirs, strict=True):
+        if "bias" in name and penalty != "singular":  # their parameter penalties skip biases
+            assert a is None or not bool(a.any()), name
+            assert b is None or not bool(b.any()), name
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+    if penalty == "l2":  # layer l's weight gets δ^(2l−2)
+        assert reg.weights() == {"net.0.weight": 1.0, "net.2.weight": 1.5**2, "net.4.weight": 1.5**4}
+    if penalty == "singular":
+        assert list(reg.weights()) == ["net.2"]
+
+
+def test_authors_variant_has_no_l1() -> None:
+    with pytest.raises(ValueError, match="no l1"):
+        pp.SuccessiveRegularizer(AuthorsCritic(), "l1", variant="authors")
 
 
 def test_l2init_zero_at_construction_then_distance_to_theta0(model: Scrambled) -> None:
