@@ -44,7 +44,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
-from torch.utils.weak import WeakIdKeyDictionary
+import weakref
 
 __all__ = [
     "Args",
@@ -192,7 +192,7 @@ def own_parameters(module: nn.Module) -> list[nn.Parameter]:
     ``module.parametrizations``."""
     params = list(module.parameters(recurse=False))
     if parametrize.is_parametrized(module):
-        params += list(module.parametrizations.parameters())
+        params += list(module.parametrizations.parameters())  # type: ignore[union-attr]
     return params
 
 
@@ -259,27 +259,31 @@ def _tensors(args: Sequence[Any], kwargs: dict[str, Any] | None) -> list[torch.T
     return out
 
 
-def _is_inplace(name: str, kwargs: dict[str, Any] | None) -> bool:
-    if name.endswith("_") and not name.startswith("__"):
-        return True
-    if name.startswith("__i") or name == "__setitem__":
-        return True
-    return bool(kwargs) and (kwargs.get("inplace") is True or "out" in kwargs)  # type: ignore[union-attr]
-
-
 class _Chain:
-    """The chain of one call of one layer: its current head (the only member an op can extend)
-    and the copy of the head taken when the chain ended."""
+    """The chain of one call of one layer: its current head (the only member an op can extend),
+    the head's version counter when the chain ended (``None`` while open), and a copy taken
+    only when an in-place op was about to change the ended head."""
 
-    __slots__ = ("head", "layer", "snapshot")
+    __slots__ = ("ended_at", "head", "layer", "snapshot")
 
     def __init__(self, layer: str, head: torch.Tensor) -> None:
         self.layer = layer
         self.head = head
+        self.ended_at: int | None = None
         self.snapshot: torch.Tensor | None = None
 
 
 _ROUTE_RANK = {"direct": 0, "reshape": 1, "mixed": 2}
+
+
+def _mutates(name: str, kwargs: dict[str, Any] | None) -> bool:
+    """Whether an op changes its first argument in place (``add_``, ``__iadd__``, ``x[i] = v``,
+    ``inplace=True``, ``out=``)."""
+    if name.endswith("_") and not name.startswith("__"):
+        return True
+    if name.startswith("__i") or name == "__setitem__":
+        return True
+    return kwargs is not None and (kwargs.get("inplace") is True or "out" in kwargs)
 
 
 def _route_after(op: str, route: str) -> str:
@@ -333,6 +337,11 @@ class DataFlowTracer:
         self._weight_owner = {
             id(p): name for name, m in self.candidates.items() for p in own_parameters(m) if p.ndim >= 2
         }
+        self._own_names = {
+            name: tuple(self._param_names[id(p)] for p in own_parameters(m) if id(p) in self._param_names)
+            for name, m in self.candidates.items()
+        }
+        self._kinds = {name: layer_kind(m) for name, m in self.candidates.items()}
         self._handles: list[RemovableHandle] = []
         self._mode: _Mode | None = None
         self._auto = False
@@ -344,7 +353,8 @@ class DataFlowTracer:
         self._calls: dict[str, list[_Chain]] = {}
         self._chain_of: dict[int, _Chain] = {}  # id(head) -> chain; heads are kept alive by their chain
         self._called: set[str] = set()  # layers whose forward was called
-        self._prov: WeakIdKeyDictionary = WeakIdKeyDictionary()  # tensor -> ((layer, route), ...)
+        self._prov: dict[int, tuple[tuple[str, str], ...]] = {}  # id(tensor) -> ((layer, route), ...)
+        self._refs: dict[int, weakref.ref] = {}  # drop a tensor's entry when it is freed
         self._stack: list[str] = []
         self._chain_params: dict[str, str] = {}  # parameter name -> layer whose chain applied it
         self._first_read: dict[str, int] = {}  # parameter name -> layers called before its first read
@@ -398,7 +408,7 @@ class DataFlowTracer:
         """Whether ``out`` is (a moved copy of) the output of a layer called inside ``name``'s
         call, e.g. MultiheadAttention returning its ``out_proj`` result."""
         inner = self._order[self._order.index(name) + 1 :]
-        return any(layer in inner and route != "mixed" for layer, route in self._prov.get(out, ()))
+        return any(layer in inner and route != "mixed" for layer, route in self._prov.get(id(out), ()))
 
     def _note_inputs(self, name: str, inputs: Sequence[torch.Tensor]) -> None:
         self._called.add(name)
@@ -408,12 +418,12 @@ class DataFlowTracer:
         self._note_consumer(name, inputs)
         for t in inputs:
             chain = self._chain_of.get(id(t))
-            if chain is not None:
-                self._end(chain)
+            if chain is not None and chain.ended_at is None:
+                chain.ended_at = t._version
 
     def _note_consumer(self, name: str, inputs: Sequence[torch.Tensor]) -> None:
         for t in inputs:
-            for src, route in self._prov.get(t, ()):
+            for src, route in self._prov.get(id(t), ()):
                 if src == name:
                     continue
                 route = "mixed" if route == "moved" else route
@@ -427,12 +437,16 @@ class DataFlowTracer:
         if name not in self._order:
             self._order.append(name)
         self._chain_of[id(out)] = chain
-        self._prov[out] = ((name, "direct"),)
+        self._set_prov(out, ((name, "direct"),))
 
-    def _end(self, chain: _Chain) -> None:
-        if chain.snapshot is None:
-            head = chain.head.detach() if self.detach else chain.head
-            chain.snapshot = head.clone()
+    def _set_prov(self, t: torch.Tensor, prov: tuple[tuple[str, str], ...]) -> None:
+        key = id(t)
+        if key not in self._refs:
+            self._refs[key] = weakref.ref(t, lambda _ref: (self._prov.pop(key, None), self._refs.pop(key, None)))
+        self._prov[key] = prov
+
+    def _copy(self, t: torch.Tensor) -> torch.Tensor:
+        return (t.detach() if self.detach else t).clone()
 
     # ----------------------------------------------------------------- the torch-function mode
     def _on_op(self, func: Any, args: Sequence[Any], kwargs: Any) -> Any:
@@ -448,7 +462,7 @@ class DataFlowTracer:
             key = id(t)
             if chain is None:
                 chain = self._chain_of.get(key)
-            prov = self._prov.get(t)
+            prov = self._prov.get(key)
             if prov:
                 sources.update(dict.fromkeys(prov))
             if key in self._static:
@@ -461,8 +475,12 @@ class DataFlowTracer:
         extends = chain is not None and self._extends(name, args, tensors, chain)
         for t in tensors:  # every chain this op consumes without extending it ends here
             ended = self._chain_of.get(id(t))
-            if ended is not None and not (extends and ended is chain):
-                self._end(ended)
+            if ended is None or (extends and ended is chain):
+                continue
+            if ended.ended_at is None:
+                ended.ended_at = t._version
+            if ended.snapshot is None and t is args[0] and _mutates(name, kwargs):
+                ended.snapshot = self._copy(t)  # about to change in place: keep the value it ended with
         if direct_read is not None:
             if direct_read not in self._order:
                 self._order.append(direct_read)
@@ -478,14 +496,15 @@ class DataFlowTracer:
                 del self._chain_of[id(chain.head)]
                 chain.head = out
                 self._chain_of[id(out)] = chain
+            chain.ended_at = None
             chain.snapshot = None
             for p in static:
                 pname = self._param_names.get(id(p))  # buffers (running statistics) have none
                 if pname is not None:
                     self._chain_params.setdefault(pname, chain.layer)
-            self._prov[out] = ((chain.layer, "direct"),)
+            self._set_prov(out, ((chain.layer, "direct"),))
         elif sources:
-            self._prov[out] = tuple(dict.fromkeys((src, _route_after(name, r)) for src, r in sources))
+            self._set_prov(out, tuple(dict.fromkeys((src, _route_after(name, r)) for src, r in sources)))
         return result
 
     def _extends(self, name: str, args: Sequence[Any], tensors: Sequence[torch.Tensor], chain: _Chain) -> bool:
@@ -565,7 +584,7 @@ class DataFlowTracer:
         if name not in self._calls:
             return True
         inside = self._depth > 0 and self._epoch == self._pass_epoch  # inside a module call of this pass
-        derived = any(t in self._prov for t in _tensors(args, kwargs))
+        derived = any(id(t) in self._prov for t in _tensors(args, kwargs))
         if inside or derived:
             return True
         self._closed = True
@@ -586,12 +605,16 @@ class DataFlowTracer:
     # ----------------------------------------------------------------- results
     def trace(self) -> Trace:
         """Layers, features, groups, skipped modules and consumers of the recorded pass."""
-        layers = []
-        for index, name in enumerate(self._order, start=1):
-            module = self.candidates[name]
-            own = [self._param_names[id(p)] for p in own_parameters(module) if id(p) in self._param_names]
-            chain = [p for p, owner in self._chain_params.items() if owner == name and p not in own]
-            layers.append(LayerInfo(name, index, layer_kind(module), module, tuple(dict.fromkeys(own + chain))))
+        applied: dict[str, list[str]] = {}
+        for pname, owner in self._chain_params.items():
+            applied.setdefault(owner, []).append(pname)
+        layers = [
+            LayerInfo(
+                name, index, self._kinds[name], self.candidates[name],
+                tuple(dict.fromkeys(self._own_names[name] + tuple(applied.get(name, ())))),
+            )
+            for index, name in enumerate(self._order, start=1)
+        ]  # fmt: skip
         features: dict[str, torch.Tensor] = {}
         skipped = list(self.skipped)
         notes = list(self._notes)
@@ -616,10 +639,11 @@ class DataFlowTracer:
     def _stack_calls(self, info: LayerInfo, chains: list[_Chain], notes: list[str]) -> torch.Tensor | None:
         values = []
         for chain in chains:
-            if chain.snapshot is None:
-                self._end(chain)
-            assert chain.snapshot is not None
             x = chain.snapshot
+            if x is None:
+                if chain.ended_at is not None and chain.head._version != chain.ended_at:
+                    notes.append(f"{info.name}: features changed in place through a view after their chain ended")
+                x = self._copy(chain.head)
             if info.kind != "conv":
                 x = x.reshape(-1, x.shape[-1]) if x.ndim >= 2 else x.reshape(1, -1)
             values.append(x)
@@ -632,6 +656,8 @@ class DataFlowTracer:
 
     def _groups(self, layers: list[LayerInfo]) -> list[ParamGroup]:
         assigned = {p for info in layers for p in info.params}
+        if len(assigned) == len(self._param_names):
+            return []
         by_owner: dict[str, list[str]] = {}
         for pname in self._param_names.values():
             if pname in assigned:

@@ -107,8 +107,8 @@ class Probe:
     @contextmanager
     def capture(self) -> Iterator[Probe]:
         """Record the features of everything the model computes inside the block (one pass)."""
-        stance = torch.compiler.set_stance("force_eager") if self.model is not _uncompiled(self.model) else nullcontext()
-        with stance, self._tracer.record():
+        compiled = self.model is not _uncompiled(self.model)
+        with torch.compiler.set_stance("force_eager") if compiled else nullcontext(), self._tracer.record():
             yield self
         self._trace = self._tracer.trace()
         if not self._trace.layers:
@@ -235,7 +235,7 @@ class Probe:
             network["weight_magnitude"] = M.weight_magnitude(self.model)
         if "mean_abs_weight" in self.metrics:
             network["mean_abs_weight"] = M.mean_abs_weight(self.model)
-        hidden = [trace.features[i.name] for i in trace.layers if i.name in trace.features and trace.consumers.get(i.name)]
+        hidden = [trace.features[n] for n in trace.features if trace.consumers.get(n)]
         if not hidden:
             return network
         widths = [M.as_unit_matrix(h).shape[1] for h in hidden]

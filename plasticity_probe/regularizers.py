@@ -30,21 +30,20 @@ penultimate features only (those an output layer reads), without δ.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
 import torch
 from torch import nn
 
-from contextlib import contextmanager
-from dataclasses import dataclass
-
 from plasticity_probe.layers import DataFlowTracer, LayerInfo, ParamGroup, Trace, call_model
 
 __all__ = [
     "Penalty",
-    "Variant",
     "SuccessiveRegularizer",
+    "Variant",
     "gram_eigenvalues",
     "l1_penalty",
     "l2_penalty",
@@ -212,7 +211,7 @@ class SuccessiveRegularizer:
         self._tracer = DataFlowTracer(eager, detach=False)
         self._trace: Trace | None = None
         self._terms: list[_Term] = []
-        self._scoped: Trace | None = None
+        self._pending: Trace | None = None  # a pass taken but not yet penalized (first pass, or capture())
         self._last: tuple[list[str], torch.Tensor] | None = None
         self._weights: torch.Tensor | None = None
         if example_input is not None:
@@ -243,7 +242,7 @@ class SuccessiveRegularizer:
                     "enabled) before reg(step), or pass example_input="
                 )
             self._learn(trace)
-            self._pending_first = trace
+            self._pending = trace
         assert self._trace is not None
         return self._trace
 
@@ -279,10 +278,10 @@ class SuccessiveRegularizer:
         seen: set[str] = set()  # a tied parameter is penalized once, with the first unit using it
         terms = []
         for name, index, params in units:
-            mine = tuple(p for p in params if p not in seen)
-            seen.update(mine)
-            if mine:
-                terms.append(_Term(name, self.delta**index, tuple(named[p] for p in mine), mine))
+            fresh = tuple(p for p in params if p not in seen)
+            seen.update(fresh)
+            if fresh:
+                terms.append(_Term(name, self.delta**index, tuple(named[p] for p in fresh), fresh))
         return terms
 
     @staticmethod
@@ -305,7 +304,7 @@ class SuccessiveRegularizer:
         try:
             with scoped.record(), torch.enable_grad():
                 yield self
-            self._scoped = scoped.trace()
+            self._pending = scoped.trace()
         finally:
             self._tracer.attach_auto() if self.penalty is Penalty.singular else None
 
@@ -331,10 +330,8 @@ class SuccessiveRegularizer:
     def _features_of_pass(self) -> dict[str, torch.Tensor] | None:
         if self.penalty is not Penalty.singular:
             return None
-        first = getattr(self, "_pending_first", None)
-        self._pending_first = None
-        trace = self._scoped or first or self._tracer.take()
-        self._scoped = None
+        trace = self._pending or self._tracer.take()
+        self._pending = None
         if trace is None:
             raise RuntimeError(
                 "singular penalty: no forward pass with autograd enabled since the last call; call the "

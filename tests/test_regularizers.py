@@ -75,7 +75,9 @@ class AuthorsCritic(nn.Module):
         return self.net[3](self.net[2](self.net[1](self.net[0](x))))
 
 
-def authors_loss(critic: AuthorsCritic, obs: torch.Tensor, penalty: str, lam: float, delta: float, t0: list) -> torch.Tensor:
+def authors_loss(
+    critic: AuthorsCritic, obs: torch.Tensor, penalty: str, lam: float, delta: float, t0: list
+) -> torch.Tensor:
     """The three terms of the authors' dqn_agent.py, written out as their loops do."""
     loss = torch.zeros(())
     if penalty == "l2":  # weight_mag: enumerate over every named parameter, add the weights' norms
