@@ -44,10 +44,12 @@ def ratio(model: nn.Module, batch: torch.Tensor, repeats: int) -> tuple[float, f
 def main() -> None:
     one_thread()
     torch.manual_seed(0)
+    qnet = f"paper Q-net {OBS_DIM}-64-64-{N_ACTIONS}"
     cases = [
-        (f"paper Q-net {OBS_DIM}-64-64-{N_ACTIONS}, batch {BATCH}", QNetwork(OBS_DIM, N_ACTIONS), torch.randn(BATCH, OBS_DIM), 2000),
+        (f"{qnet}, batch {BATCH}", QNetwork(OBS_DIM, N_ACTIONS), torch.randn(BATCH, OBS_DIM), 2000),
+        (f"{qnet}, batch 4096", QNetwork(OBS_DIM, N_ACTIONS), torch.randn(4096, OBS_DIM), 500),
         ("Nature CNN, batch 32", nature_cnn(), torch.rand(32, 4, 84, 84), 20),
-    ]  # fmt: skip
+    ]
     print("| network | forward (µs) | captured (µs) | ratio |")
     print("|---|---|---|---|")
     for name, model, batch, repeats in cases:

@@ -34,6 +34,7 @@ changes the model's output, gradients, train/eval mode, BatchNorm statistics or 
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -44,7 +45,6 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
-import weakref
 
 __all__ = [
     "Args",
