@@ -44,7 +44,7 @@ def test_sb3_dqn_callback_logs_per_layer_metrics(tmp_path: Path) -> None:
         model.learn(400, callback=callback, log_interval=1)
     report = callback.last_reports["q_net"]
     assert [r.name for r in report.layers] == ["q_net.0", "q_net.2", "q_net.4"]
-    assert callback.probe_batch is not None and callback.probe_batch.shape == (64, 4)
+    assert callback.probe_batch is not None and callback.probe_batch[0].shape == (64, 4)
     rows = list(csv.DictReader((tmp_path / "progress.csv").open()))
     key = "plasticity/q_net/q_net.2/effective_rank"
     logged = [(int(r["time/total_timesteps"]), float(r[key])) for r in rows if r.get(key)]
@@ -88,11 +88,28 @@ def test_sb3_callback_on_policy_ppo() -> None:
     sb3 = pytest.importorskip("stable_baselines3", reason="needs the sb3 extra")
     from plasticity_probe.integrations.sb3 import ProbeCallback
 
+    class KeepWeights(ProbeCallback):
+        """Remembers the weights each report saw (PPO trains again after the last rollout)."""
+
+        def _on_step(self) -> bool:
+            result = super()._on_step()
+            self.weights = {k: v.clone() for k, v in self.model.policy.state_dict().items()}
+            return result
+
     model = sb3.PPO("MlpPolicy", "CartPole-v1", n_steps=64, batch_size=32, n_epochs=1, seed=0, verbose=0)
-    callback = ProbeCallback(every=64, batch_size=32)
+    callback = KeepWeights(every=64, batch_size=32)
     model.learn(192, callback=callback)
+    model.policy.load_state_dict(callback.weights)
     report = callback.last_reports["policy"]
-    assert any(r.name.startswith("mlp_extractor") for r in report.layers)
+    assert report["mlp_extractor.policy_net.2"].n_units == 64  # the policy latent, not the 4 observations
+    obs = callback.probe_batch[0]
+    policy = model.policy
+    with torch.no_grad():  # independent: the post-tanh latents, written out
+        pi = torch.tanh(policy.mlp_extractor.policy_net[2](torch.tanh(policy.mlp_extractor.policy_net[0](obs))))
+        vf = torch.tanh(policy.mlp_extractor.value_net[2](torch.tanh(policy.mlp_extractor.value_net[0](obs))))
+    for name, latent in (("mlp_extractor.policy_net.2", pi), ("mlp_extractor.value_net.2", vf)):
+        assert report[name].metrics["effective_rank"] == pytest.approx(pp.effective_rank(latent), rel=1e-9)
+        assert report[name].metrics["feature_norm"] == pytest.approx(pp.feature_norm(latent), rel=1e-9)
 
 
 def test_lightning_callback_logs_through_the_trainer(tmp_path: Path) -> None:

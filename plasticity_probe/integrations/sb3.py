@@ -13,6 +13,7 @@ TensorBoard outputs get them) and, optionally, our sinks.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,12 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from plasticity_probe.layers import Args
 from plasticity_probe.probe import Probe
 from plasticity_probe.regularizers import SuccessiveRegularizer
 
 try:
     from stable_baselines3 import DQN
-    from stable_baselines3.common.buffers import ReplayBuffer, RolloutBuffer
+    from stable_baselines3.common.buffers import DictReplayBuffer, DictRolloutBuffer, ReplayBuffer, RolloutBuffer
     from stable_baselines3.common.callbacks import BaseCallback
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError(
@@ -49,9 +51,26 @@ def probed_networks(policy: nn.Module) -> dict[str, nn.Module]:
     return nets or {"policy": policy}
 
 
+def network_input(net: nn.Module, obs: Any, actions: torch.Tensor) -> Args:
+    """How to call an SB3 network on a probe batch without sampling (the global RNG is left
+    alone): critics get ``(obs, actions)``, networks whose ``forward`` takes ``deterministic``
+    get ``deterministic=True``, the rest ``obs`` alone."""
+    params = inspect.signature(net.forward).parameters
+    if "actions" in params:
+        return Args(obs, actions)
+    if "deterministic" in params:
+        return Args(obs, deterministic=True)
+    return Args(obs)
+
+
+def _rows(array: np.ndarray, size: int, shape: tuple[int, ...]) -> np.ndarray:
+    return array[:size].reshape(-1, *shape)
+
+
 class ProbeCallback(BaseCallback):
     """Every ``every`` timesteps, probe the policy's networks on a fixed batch of observations
-    drawn once from the replay buffer (off-policy) or rollout buffer (on-policy).
+    (and actions, for critics) drawn once from the replay buffer (off-policy) or rollout buffer
+    (on-policy). Dict observations (``MultiInputPolicy``) are kept as dicts.
 
     Args:
         every: timesteps between reports.
@@ -59,6 +78,7 @@ class ProbeCallback(BaseCallback):
         metrics: per-layer metrics (default: ``Probe``'s).
         sinks: extra writers (``JsonlSink``, ``CsvSink``, ``TensorBoardSink``).
         prefix: logger key prefix.
+        seed: seed of the draw of the probe batch (its own generator, not the global RNG).
     """
 
     def __init__(
@@ -76,25 +96,34 @@ class ProbeCallback(BaseCallback):
             raise ValueError("every and batch_size must be >= 1")
         self.every, self.batch_size, self.metrics = every, batch_size, metrics
         self.sinks, self.prefix, self.seed = list(sinks), prefix, seed
-        self.probe_batch: torch.Tensor | None = None
+        self.probe_batch: tuple[Any, torch.Tensor] | None = None
         self.last_reports: dict[str, Any] = {}
 
-    def _draw_batch(self) -> torch.Tensor | None:
-        rng = np.random.default_rng(self.seed)
+    def _draw_batch(self) -> tuple[Any, torch.Tensor] | None:
+        """(observations, actions) of the probe batch as tensors on the model's device."""
         buffer = getattr(self.model, "replay_buffer", None)
-        if isinstance(buffer, ReplayBuffer):
+        if isinstance(buffer, ReplayBuffer | DictReplayBuffer):
             size = buffer.buffer_size if buffer.full else buffer.pos
-            if size == 0:
-                return None
-            obs = buffer.observations[:size].reshape(size * buffer.n_envs, *buffer.obs_shape)
         else:
-            rollout = getattr(self.model, "rollout_buffer", None)
-            if not isinstance(rollout, RolloutBuffer) or (rollout.pos == 0 and not rollout.full):
+            buffer = getattr(self.model, "rollout_buffer", None)
+            if not isinstance(buffer, RolloutBuffer | DictRolloutBuffer):
                 return None
-            size = rollout.buffer_size if rollout.full else rollout.pos
-            obs = rollout.observations[:size].reshape(-1, *rollout.obs_shape)
-        idx = rng.choice(len(obs), size=min(self.batch_size, len(obs)), replace=False)
-        return torch.as_tensor(np.array(obs[idx]), dtype=torch.float32, device=self.model.device)
+            size = buffer.buffer_size if buffer.full else buffer.pos
+        if size == 0:
+            return None
+        obs_store, obs_shape = buffer.observations, buffer.obs_shape
+        actions = _rows(buffer.actions, size, (buffer.action_dim,))
+        rng = np.random.default_rng(self.seed)
+        idx = rng.choice(len(actions), size=min(self.batch_size, len(actions)), replace=False)
+        device = self.model.device
+        if isinstance(obs_store, dict):
+            obs: Any = {
+                k: torch.as_tensor(_rows(v, size, obs_shape[k])[idx], device=device)  # type: ignore[arg-type]
+                for k, v in obs_store.items()
+            }
+        else:
+            obs = torch.as_tensor(_rows(obs_store, size, obs_shape)[idx], device=device)
+        return obs, torch.as_tensor(actions[idx], dtype=torch.float32, device=device)
 
     def _on_step(self) -> bool:
         if self.num_timesteps % self.every != 0:
@@ -103,8 +132,10 @@ class ProbeCallback(BaseCallback):
             self.probe_batch = self._draw_batch()
             if self.probe_batch is None:
                 return True
+        obs, actions = self.probe_batch
         for name, net in probed_networks(self.model.policy).items():
-            report = Probe(net, metrics=self.metrics, probe_batch=self.probe_batch).measure()
+            with torch.random.fork_rng(devices=[]):
+                report = Probe(net, metrics=self.metrics).measure(network_input(net, obs, actions))
             self.last_reports[name] = report
             for row in report.rows():
                 self.logger.record(f"{self.prefix}/{name}/{row['layer']}/{row['metric']}", row["value"])
