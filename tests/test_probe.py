@@ -211,3 +211,25 @@ def test_report_rows_dict_json_and_table() -> None:
     assert any(line.startswith("│ effective_rank") and "nan" in line for line in lines)
     with pytest.raises(ValueError, match="rows"):
         report.table(rows="nope")
+
+
+def test_compiled_model_is_probed_eagerly_and_the_regularizer_says_what_it_cannot_do() -> None:
+    torch.manual_seed(0)
+    model, x = mlp(), torch.randn(16, 6)
+    compiled = torch.compile(model, backend="eager")
+    expected = pp.Probe(model).measure(x)
+    measured = pp.Probe(compiled).measure(x)
+    probe = pp.Probe(compiled)
+    with probe.capture():
+        compiled(x)
+    captured = probe.report()
+    for report in (measured, captured):
+        assert [r.name for r in report.layers] == ["0", "2", "4"]
+        for r in expected.layers:
+            assert report[r.name].metrics == pytest.approx(r.metrics)
+    with pytest.raises(ValueError, match="compile"):
+        pp.SuccessiveRegularizer(compiled, "singular")
+    reg = pp.SuccessiveRegularizer(compiled, "l2", lam=1.0, delta=2.0, example_input=x)
+    expected_l2 = sum(2.0**l * sum(float((p.detach() ** 2).sum()) for p in model[i].parameters())
+                      for l, i in enumerate((0, 2, 4), start=1))  # fmt: skip
+    assert float(reg(0)) == pytest.approx(expected_l2, rel=1e-6)
