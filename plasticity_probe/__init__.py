@@ -1,7 +1,7 @@
 """plasticity_probe: layer-wise plasticity diagnostics and successive regularization for any
 ``torch.nn.Module``. See ``docs/`` and DESIGN.md for the definitions."""
 
-from plasticity_probe.hessian import HessianSpectrum, hessian_spectrum
+from plasticity_probe.hessian import HessianSpectrum, SpectralDensity, frozen_closure_state, hessian_spectrum
 from plasticity_probe.layers import LayerInfo, SkippedModule, discover_layers
 from plasticity_probe.metrics import (
     NonFiniteWarning,
@@ -41,6 +41,7 @@ __all__ = [
     "Probe",
     "Report",
     "SkippedModule",
+    "SpectralDensity",
     "SuccessiveRegularizer",
     "TensorBoardSink",
     "__version__",
@@ -50,6 +51,7 @@ __all__ = [
     "effective_rank",
     "feature_norm",
     "feature_rank",
+    "frozen_closure_state",
     "hessian_spectrum",
     "l1_penalty",
     "l2_penalty",
