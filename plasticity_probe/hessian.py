@@ -70,7 +70,13 @@ class _NonFinite(Exception):
 
 
 class _ClosureState:
-    """A snapshot of the global RNGs and of the buffers of some modules, restorable bit for bit."""
+    """The global RNG states and the buffers of some modules, as they were when it was created.
+
+    Nothing is ever written into a buffer tensor: :meth:`install` rebinds each buffer to a fresh
+    clone of its saved values (a closure then updates the clone), :meth:`restore` rebinds the
+    original tensors. So restoring is bit-exact, and a graph the caller built before (which may
+    have saved the running statistics) stays valid.
+    """
 
     def __init__(self, modules: Sequence[nn.Module]) -> None:
         self.modules = list(modules)
@@ -88,17 +94,26 @@ class _ClosureState:
                 for name, buf in module._buffers.items():
                     if buf is not None:
                         self.buffers.append((module, name, buf, buf.detach().clone()))
+        self.covered = seen
 
-    def restore(self) -> None:
+    def _set_rng(self) -> None:
         torch.set_rng_state(self.torch_rng)
         if self.cuda_rng is not None:
             torch.cuda.set_rng_state_all(self.cuda_rng)
         np.random.set_state(self.numpy_rng)
         random.setstate(self.python_rng)
-        with torch.no_grad():
-            for module, name, original, saved in self.buffers:
-                module._buffers[name] = original  # undo a rebinding, then the values
-                original.copy_(saved)
+
+    def install(self) -> None:
+        """Make the current state this snapshot: RNGs set, buffers rebound to clones of it."""
+        self._set_rng()
+        for module, name, _, saved in self.buffers:
+            module._buffers[name] = saved.clone()
+
+    def restore(self) -> None:
+        """Put back the RNG states and the original buffer tensors."""
+        self._set_rng()
+        for module, name, original, _ in self.buffers:
+            module._buffers[name] = original
 
 
 _ACTIVE: list[_ClosureState] = []
@@ -110,22 +125,25 @@ def _has_active_dropout(model: nn.Module) -> bool:
 
 @contextmanager
 def frozen_closure_state(model: nn.Module | None = None) -> Iterator[None]:
-    """Evaluate loss closures in one frozen state; restore the model's buffers and the RNGs after.
+    """Evaluate loss closures in one frozen state; leave the model's buffers and the RNGs as found.
 
     On entry it snapshots the global random number generators (torch CPU, CUDA when initialized,
-    NumPy's legacy global generator, Python's ``random``) and every buffer of ``model`` (BatchNorm
-    running statistics and ``num_batches_tracked``, …); on exit it restores them bit for bit, also
-    on error. :func:`hessian_spectrum` evaluates its closure inside this context.
+    NumPy's legacy global generator, Python's ``random``) and the values of every buffer of
+    ``model`` (BatchNorm running statistics, ``num_batches_tracked``, …), and rebinds each buffer
+    to a clone: whatever runs inside updates the clones. On exit, also on error, it rebinds the
+    original tensors and restores the RNG states. No buffer tensor is written in place, so the
+    restoration is bit-exact and an autograd graph built before the block stays valid.
+    :func:`hessian_spectrum` evaluates its closure inside this context.
 
-    Nested use is how one report gives every Hessian the same closure state: inside an outer
+    Nested, it gives every Hessian of one report the same closure state: inside an outer
     ``with frozen_closure_state(model):``, each inner context (each ``hessian_spectrum`` call)
-    first resets the RNGs and the outer model's buffers to the *outer* snapshot, then restores on
-    exit whatever state it found. So per-layer and network Hessians computed in one block all see
-    the same dropout masks and the same BatchNorm statistics, whatever runs between them::
+    starts from the *outer* snapshot (RNG states and fresh clones of the outer buffer values),
+    and on exit puts back what it found. So per-layer and network Hessians computed in one block
+    see the same dropout masks and the same BatchNorm statistics, whatever runs between them::
 
         with pp.frozen_closure_state(model):
             net = pp.hessian_spectrum(loss_fn, model)
-            per_layer = [pp.hessian_spectrum(loss_fn, layer.parameters()) for layer in layers]
+            per_layer = [pp.hessian_spectrum(loss_fn, list(m.parameters()), model=model) for m in layers]
 
     A ``RuntimeWarning`` is issued once, by the outermost context, when ``model`` is in train mode
     with an active dropout module: the loss is then random (its mask is fixed by the snapshot).
@@ -133,15 +151,16 @@ def frozen_closure_state(model: nn.Module | None = None) -> Iterator[None]:
     outer = _ACTIVE[-1] if _ACTIVE else None
     modules = [m for m in (model, outer.modules[0] if outer and outer.modules else None) if m is not None]
     state = _ClosureState(modules)
-    if outer is not None:
-        outer.restore()
-    elif model is not None and _has_active_dropout(model):
+    if outer is None and model is not None and _has_active_dropout(model):
         warnings.warn(
             "the model is in train mode and has dropout: the loss closure is random (its dropout mask is "
             "fixed by the frozen RNG state); call model.eval() for the curvature of the deterministic loss",
             RuntimeWarning,
             stacklevel=3,
         )
+    (outer or state).install()
+    if outer is not None and model is not None and id(model) not in outer.covered:
+        _ClosureState([model]).install()  # a model outside the outer snapshot: clone its buffers too
     _ACTIVE.append(state)
     try:
         yield
@@ -503,7 +522,7 @@ def _params(params: nn.Module | Iterable[torch.Tensor]) -> list[torch.Tensor]:
 
 def _undefined(n: int, n_hvp: int, why: str, trace_method: str) -> HessianSpectrum:
     note = f"{why}: the Hessian is undefined, every value is nan"
-    warnings.warn(f"hessian_spectrum: {note}", NonFiniteWarning, stacklevel=3)
+    warnings.warn(f"hessian_spectrum: {note}", NonFiniteWarning, stacklevel=4)
     return HessianSpectrum(
         lambda_max=math.nan,
         lambda_min=math.nan,
@@ -571,7 +590,35 @@ def hessian_spectrum(
     tensors = _params(params)
     owner = model if model is not None else params if isinstance(params, nn.Module) else None
     with frozen_closure_state(owner):
-        op = HessianOperator(loss_fn, tensors)
+        return _spectrum(
+            HessianOperator(loss_fn, tensors),
+            tol=tol,
+            max_iter=max_iter,
+            basis_size=basis_size,
+            top_k=top_k,
+            trace_samples=trace_samples,
+            trace_method=trace_method,
+            density_probes=density_probes,
+            density_steps=density_steps,
+            seed=seed,
+            dense_threshold=dense_threshold,
+        )
+
+
+def _spectrum(
+    op: HessianOperator,
+    *,
+    tol: float,
+    max_iter: int,
+    basis_size: int,
+    top_k: int,
+    trace_samples: int,
+    trace_method: str,
+    density_probes: int,
+    density_steps: int,
+    seed: int,
+    dense_threshold: int,
+) -> HessianSpectrum:
     n = op.n
     if not op.finite:
         return _undefined(n, 0, op.why, trace_method)
@@ -596,7 +643,7 @@ def hessian_spectrum(
                     f"hessian_spectrum: Lanczos did not reach tol={tol} in {max_iter} products; "
                     "raise max_iter for tighter extremes",
                     RuntimeWarning,
-                    stacklevel=2,
+                    stacklevel=4,
                 )
             if trace_samples > 0 and trace_method == "hutchinson":
                 trace, stderr = hutchinson_trace(op.matvec, n, trace_samples, seed=seed + 1)
