@@ -100,7 +100,12 @@ NATURE_CNN = textwrap.dedent(
 
 def run_python(code: str) -> str:
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT)}
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT)},
     )
     return out.stdout.strip().splitlines()[-1]
 
