@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import torch
 
+
 class HessianOperator:
     """``v ↦ H v`` for ``H = ∇²_θ loss_fn()``, built from one gradient graph.
 
