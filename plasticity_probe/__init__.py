@@ -1,7 +1,8 @@
 """plasticity_probe: layer-wise plasticity diagnostics and successive regularization for any
 ``torch.nn.Module``. See ``docs/`` and DESIGN.md for the definitions."""
 
-from plasticity_probe.hessian import HessianSpectrum, hessian_spectrum
+from plasticity_probe.gradients import distance_from_init, grad_dormant_fraction, grad_norm, grad_to_weight_ratio
+from plasticity_probe.hessian import HessianSpectrum, SpectralDensity, frozen_closure_state, hessian_spectrum
 from plasticity_probe.layers import LayerInfo, SkippedModule, discover_layers
 from plasticity_probe.metrics import (
     NonFiniteWarning,
@@ -27,6 +28,7 @@ from plasticity_probe.regularizers import (
 )
 from plasticity_probe.report import LayerRecord, Report
 from plasticity_probe.sinks import CsvSink, JsonlSink, TensorBoardSink
+from plasticity_probe.trainability import TrainabilityResult, trainability
 
 __version__ = "0.1.0"
 
@@ -41,15 +43,22 @@ __all__ = [
     "Probe",
     "Report",
     "SkippedModule",
+    "SpectralDensity",
     "SuccessiveRegularizer",
     "TensorBoardSink",
+    "TrainabilityResult",
     "__version__",
     "dead_unit_fraction",
     "discover_layers",
+    "distance_from_init",
     "dormant_fraction",
     "effective_rank",
     "feature_norm",
     "feature_rank",
+    "frozen_closure_state",
+    "grad_dormant_fraction",
+    "grad_norm",
+    "grad_to_weight_ratio",
     "hessian_spectrum",
     "l1_penalty",
     "l2_penalty",
@@ -58,6 +67,7 @@ __all__ = [
     "singular_penalty",
     "srank",
     "stable_rank",
+    "trainability",
     "weight_magnitude",
     "zero_fraction",
 ]
