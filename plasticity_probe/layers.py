@@ -264,10 +264,11 @@ class _Chain:
     the head's version counter when the chain ended (``None`` while open), and a copy taken
     only when an in-place op was about to change the ended head."""
 
-    __slots__ = ("ended_at", "head", "layer", "snapshot")
+    __slots__ = ("ended_at", "head", "layer", "origin", "snapshot")
 
     def __init__(self, layer: str, head: torch.Tensor) -> None:
         self.layer = layer
+        self.origin = head  # the layer's own output, before its chain
         self.head = head
         self.ended_at: int | None = None
         self.snapshot: torch.Tensor | None = None
@@ -333,7 +334,6 @@ class DataFlowTracer:
         self.candidates, self.skipped = layer_candidates(model, names)
         self._name_of_module = {id(m): n for n, m in self.candidates.items()}
         self._param_names = {id(p): n for n, p in model.named_parameters()}
-        self._static = {id(t) for t in model.parameters()} | {id(b) for b in model.buffers()}
         self._weight_owner = {
             id(p): name for name, m in self.candidates.items() for p in own_parameters(m) if p.ndim >= 2
         }
@@ -349,6 +349,7 @@ class DataFlowTracer:
 
     # ----------------------------------------------------------------- state of one pass
     def _reset(self) -> None:
+        self._static = {id(t) for t in self.model.parameters()} | {id(b) for b in self.model.buffers()}
         self._order: list[str] = []
         self._calls: dict[str, list[_Chain]] = {}
         self._chain_of: dict[int, _Chain] = {}  # id(head) -> chain; heads are kept alive by their chain
@@ -635,6 +636,16 @@ class DataFlowTracer:
             if name not in self._calls:
                 skipped.append(SkippedModule(name, "layer not called in the pass"))
         return Trace(layers, features, self._groups(layers), skipped, notes, self._consumer_lists())
+
+    def outputs(self) -> dict[str, list[torch.Tensor]]:
+        """Each layer's own outputs (before its chain), one per call, *not* copied: with
+        ``detach=False`` they are in the autograd graph, so ``torch.autograd.grad(loss, ...)``
+        gives ∂L/∂(layer output), the pre-activation gradients of GraMa's score."""
+        return {
+            name: [c.origin for c in self._calls[name]]
+            for name in self._order
+            if self._calls.get(name) and name not in self._internal
+        }
 
     def _stack_calls(self, info: LayerInfo, chains: list[_Chain], notes: list[str]) -> torch.Tensor | None:
         values = []

@@ -119,6 +119,20 @@ def test_penalizing_a_subset_of_layers(tmp_path: Path) -> None:
         train(tiny_config(reg="l2", reg_layers=("net.9",)), tmp_path / "bad")
 
 
+@pytest.mark.parametrize(
+    ("reg", "terms"),
+    [("l2", {"net.0.weight", "net.2.weight", "net.4.weight"}), ("singular", {"net.2"})],
+)
+def test_authors_variant_from_the_config(tmp_path: Path, reg: str, terms: set[str]) -> None:
+    cfg = tiny_config(reg=reg, reg_variant="authors", total_steps=500)
+    assert cfg.run_name.endswith("_update_authors__s0")
+    train(cfg, tmp_path / "r")
+    update = next(r for r in rundir.read_jsonl(tmp_path / "r" / "metrics.jsonl") if r["kind"] == "update")
+    assert set(update["reg_terms"]) == terms  # weight tensors only / the penultimate features only
+    with pytest.raises(ValueError, match="reg_variant"):
+        DQNConfig.from_dict({**cfg.to_dict(), "reg_squared": False})
+
+
 def test_same_seed_same_results(tmp_path: Path) -> None:
     cfg = tiny_config(reg="singular", lam=0.001)
     train(cfg, tmp_path / "a")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -233,3 +234,58 @@ def test_compiled_model_is_probed_eagerly_and_the_regularizer_says_what_it_canno
     expected_l2 = sum(2.0**l * sum(float((p.detach() ** 2).sum()) for p in model[i].parameters())
                       for l, i in enumerate((0, 2, 4), start=1))  # fmt: skip
     assert float(reg(0)) == pytest.approx(expected_l2, rel=1e-6)
+
+
+def test_gradient_metrics_against_autograd_and_no_side_effects() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    x, y = torch.randn(32, 4), torch.randn(32, 2)
+    probe = pp.Probe(model, probe_batch=x)
+    bias0 = model[0].bias.detach().clone()
+    with torch.no_grad():
+        model[0].weight.add_(0.5)  # moved away from θ_0 by a known amount
+        model[0].bias[:3] = -50.0  # three units of layer "0" never fire: zero gradient through them
+    buffers = [b.clone() for b in model.buffers()]
+    rng = torch.get_rng_state()
+    report = probe.measure(loss_fn=lambda: ((model(x) - y) ** 2).mean(), gradients=True)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers(), strict=True))
+    assert torch.equal(rng, torch.get_rng_state()) and model.training
+
+    # independent: a copy, its pre-activations kept by hand, gradients by autograd
+    ref = copy.deepcopy(model)
+    h1 = ref[0](x)
+    h2 = ref[2](torch.relu(h1))
+    out = ref[5](torch.relu(ref[3](h2)))
+    h3 = out
+    loss = ((out - y) ** 2).mean()
+    grads = torch.autograd.grad(loss, [*ref.parameters(), h1, h2, h3])
+    g = dict(zip([n for n, _ in ref.named_parameters()], grads[:8], strict=True))
+    pre = {"0": grads[8], "2": grads[9], "5": grads[10]}
+    own = {"0": ["0.weight", "0.bias"], "2": ["2.weight", "2.bias", "3.weight", "3.bias"], "5": ["5.weight", "5.bias"]}
+    for layer, names in own.items():
+        norm = math.sqrt(sum(float((g[n].double() ** 2).sum()) for n in names))
+        weight = math.sqrt(sum(float((dict(ref.named_parameters())[n].double() ** 2).sum()) for n in names))
+        assert report[layer].metrics["grad_norm"] == pytest.approx(norm, rel=1e-5)
+        assert report[layer].metrics["grad_to_weight_ratio"] == pytest.approx(norm / weight, rel=1e-5)
+        score = pre[layer].abs().mean(0) / pre[layer].abs().mean()
+        assert report[layer].metrics["grad_dormant_fraction"] == pytest.approx(float((score <= 0.01).double().mean()))
+    assert report["0"].metrics["grad_dormant_fraction"] >= 3 / 8
+    moved = 0.5**2 * 32 + float(((model[0].bias.detach() - bias0) ** 2).sum())
+    assert report["0"].metrics["distance_from_init"] == pytest.approx(math.sqrt(moved), rel=1e-6)
+    assert report["2"].metrics["distance_from_init"] == 0.0 == report["5"].metrics["distance_from_init"]
+
+
+def test_trainability_in_the_report_and_init_state() -> None:
+    torch.manual_seed(0)
+    model, x = mlp(), torch.randn(64, 6)
+    init = {k: v.clone() for k, v in model.named_parameters()}
+    with torch.no_grad():
+        model[4].weight.mul_(2.0)
+    probe = pp.Probe(model, probe_batch=x, init_state=init)
+    report = probe.measure(trainability=True, trainability_kwargs={"steps": 20})
+    assert report["4"].metrics["distance_from_init"] == pytest.approx(float(init["4.weight"].norm()), rel=1e-6)
+    direct = pp.trainability(model, x, steps=20)
+    assert report.network["trainability_ratio"] == pytest.approx(direct.ratio)
+    with pytest.raises(ValueError, match="loss_fn"):
+        pp.Probe(model, probe_batch=x).measure(gradients=True)
