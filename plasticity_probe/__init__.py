@@ -3,7 +3,7 @@
 
 from plasticity_probe.gradients import distance_from_init, grad_dormant_fraction, grad_norm, grad_to_weight_ratio
 from plasticity_probe.hessian import HessianSpectrum, SpectralDensity, frozen_closure_state, hessian_spectrum
-from plasticity_probe.layers import LayerInfo, SkippedModule, discover_layers
+from plasticity_probe.layers import Args, LayerInfo, ParamGroup, SkippedModule, discover_layers
 from plasticity_probe.metrics import (
     NonFiniteWarning,
     dead_unit_fraction,
@@ -26,14 +26,17 @@ from plasticity_probe.regularizers import (
     l2init_penalty,
     singular_penalty,
 )
-from plasticity_probe.report import LayerRecord, Report
+from plasticity_probe.report import GroupRecord, LayerRecord, Report
 from plasticity_probe.sinks import CsvSink, JsonlSink, TensorBoardSink
 from plasticity_probe.trainability import TrainabilityResult, trainability
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Args",
+    "ParamGroup",
     "CsvSink",
+    "GroupRecord",
     "HessianSpectrum",
     "JsonlSink",
     "LayerInfo",

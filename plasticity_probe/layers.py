@@ -370,7 +370,8 @@ class DataFlowTracer:
     # ----------------------------------------------------------------- hooks
     def _attach_layer_hooks(self) -> None:
         for name, module in self.candidates.items():
-            self._handles.append(module.register_forward_pre_hook(self._pre_hook(name), with_kwargs=True))
+            pre = self._pre_hook(name)  # first, before hooks that compute weights (old-style weight_norm)
+            self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
             self._handles.append(module.register_forward_hook(self._post_hook(name), always_call=True))
 
     def _remove(self) -> None:
@@ -480,8 +481,10 @@ class DataFlowTracer:
                 continue
             if ended.ended_at is None:
                 ended.ended_at = t._version
-            if ended.snapshot is None and t is args[0] and _mutates(name, kwargs):
-                ended.snapshot = self._copy(t)  # about to change in place: keep the value it ended with
+            if t is args[0] and _mutates(name, kwargs):  # about to change in place: keep the value it ended with,
+                if ended.snapshot is None:  # and the tensor no longer holds this chain (no later op resumes it)
+                    ended.snapshot = self._copy(t)
+                del self._chain_of[id(t)]
         if direct_read is not None:
             if direct_read not in self._order:
                 self._order.append(direct_read)

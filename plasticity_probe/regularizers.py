@@ -261,6 +261,7 @@ class SuccessiveRegularizer:
         named = dict(self.model.named_parameters())
         layers = [info for info in trace.layers if self.selected is None or info.name in self.selected]
         if self.penalty is Penalty.singular:
+            layers = [info for info in layers if info.name in trace.features]  # e.g. not MultiheadAttention
             if self.variant is Variant.authors:
                 layers = [info for info in layers if info.name in self._penultimate(trace)]
                 return [_Term(info.name, 1.0, (), ()) for info in layers]
@@ -305,6 +306,8 @@ class SuccessiveRegularizer:
             with scoped.record(), torch.enable_grad():
                 yield self
             self._pending = scoped.trace()
+            if self._trace is None:
+                self._learn(self._pending)
         finally:
             self._tracer.attach_auto() if self.penalty is Penalty.singular else None
 
