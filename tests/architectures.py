@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import plasticity_probe as pp
+from plasticity_probe.layers import Args  # pp.Args is not exported yet (see test_args_is_public)
 
 Tensor = torch.Tensor
 
@@ -62,7 +62,7 @@ def own(module: nn.Module, prefix: str) -> list[str]:
 
 
 def forward_call(model: nn.Module, batch: Any) -> Any:
-    return model(*batch.args, **batch.kwargs) if isinstance(batch, pp.Args) else model(batch)
+    return model(*batch.args, **batch.kwargs) if isinstance(batch, Args) else model(batch)
 
 
 def randn(*shape: int, seed: int) -> Tensor:
@@ -80,6 +80,7 @@ class DuelingDQN(nn.Module):
         with torch.no_grad():  # half the trunk's output units dead on any input
             self.trunk[2].weight[: width // 2].zero_()
             self.trunk[2].bias[: width // 2].fill_(-1.0)
+            self.trunk[2].bias[width // 2 :].fill_(3.0)  # and the other half alive
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.trunk(x)
@@ -456,15 +457,17 @@ def encoder_expected(layer: nn.TransformerEncoderLayer, x: Tensor) -> Expect:
     bf, nf = layer.self_attn.batch_first, layer.norm_first
     a = layer.self_attn
     e, nh = a.embed_dim, a.num_heads
-    src = x if bf else x.transpose(0, 1)  # (N, L, E)
+    src = x  # native layout: (N, L, E) with batch_first, else (L, N, E)
 
     def attention(h: Tensor) -> Tensor:
+        h = h if bf else h.transpose(0, 1)
         q, k, v = F.linear(h, a.in_proj_weight, a.in_proj_bias).chunk(3, dim=-1)
         n, seq = h.shape[:2]
         q, k, v = (t.reshape(n, seq, nh, e // nh).transpose(1, 2) for t in (q, k, v))
         w = torch.softmax(q @ k.transpose(-1, -2) / (e // nh) ** 0.5, dim=-1)
         o = (w @ v).transpose(1, 2).reshape(n, seq, e)
-        return F.linear(o, a.out_proj.weight, a.out_proj.bias)  # (N, L, E)
+        o = F.linear(o, a.out_proj.weight, a.out_proj.bias)  # (N, L, E)
+        return o if bf else o.transpose(0, 1)
 
     def ff(h: Tensor) -> tuple[Tensor, Tensor]:
         f1 = F.relu(layer.linear1(h))
@@ -753,7 +756,7 @@ class Siamese(nn.Module):
         return self.head(torch.cat([self.encoder(a), self.encoder(b)], dim=1))
 
 
-def siamese_expected(m: Siamese, batch: pp.Args) -> Expect:
+def siamese_expected(m: Siamese, batch: Args) -> Expect:
     a, b = batch.args
     e = m.encoder
     ha, hb = F.relu(e[0](a)), F.relu(e[0](b))
@@ -798,8 +801,8 @@ def _packed(batch_first: bool) -> Callable[[nn.Module, int], Any]:
     return make
 
 
-def _two(_m: nn.Module, seed: int) -> pp.Args:
-    return pp.Args(randn(6, 4, seed=seed), randn(6, 4, seed=seed + 1))
+def _two(_m: nn.Module, seed: int) -> Args:
+    return Args(randn(6, 4, seed=seed), randn(6, 4, seed=seed + 1))
 
 
 def _rnn_x(batch_first: bool) -> Callable[[nn.Module, int], Tensor]:
@@ -809,8 +812,8 @@ def _rnn_x(batch_first: bool) -> Callable[[nn.Module, int], Tensor]:
 def _cast(batch: Any, dtype: torch.dtype) -> Any:
     if isinstance(batch, Tensor):
         return batch.to(dtype) if batch.is_floating_point() else batch
-    if isinstance(batch, pp.Args):
-        return pp.Args(*(_cast(a, dtype) for a in batch.args))
+    if isinstance(batch, Args):
+        return Args(*(_cast(a, dtype) for a in batch.args))
     if isinstance(batch, nn.utils.rnn.PackedSequence):
         return batch._replace(data=batch.data.to(dtype))
     return batch

@@ -33,11 +33,12 @@ from architectures import (
     same_rows,
     user_unroll,
 )
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import plasticity_probe as pp
+from plasticity_probe.layers import Args  # pp.Args is not exported yet (see test_args_is_public)
 
 warnings.filterwarnings("ignore", message=".*torch.nn.utils.weight_norm.*", category=FutureWarning)
 warnings.filterwarnings("ignore", message=".*enable_nested_tensor.*", category=UserWarning)
@@ -145,12 +146,18 @@ def expected_l2(model: nn.Module, exp: Expect, lam: float = LAM, delta: float = 
     return sum(lam * delta**i * sum(named[p].square().sum() for p in ps) for i, ps in units)  # type: ignore[return-value]
 
 
-def check_value_and_grad(model: nn.Module, got: torch.Tensor, want: torch.Tensor, rtol: float) -> None:
+def check_value_and_grad(
+    model: nn.Module, got: torch.Tensor, want: torch.Tensor, rtol: float, twin: nn.Module | None = None
+) -> None:
+    """``got`` (the library's) against ``want`` (ours), values and gradients w.r.t. every parameter.
+    ``want`` may come from ``twin``, an untouched copy of ``model`` (so that computing the ground
+    truth is not itself a pass the regularizer would see)."""
     assert float(got) == pytest.approx(float(want), rel=rtol, abs=1e-12)
     params = [p for p in model.parameters() if p.requires_grad]
     names = [n for n, p in model.named_parameters() if p.requires_grad]
+    twin_params = [p for p in (twin or model).parameters() if p.requires_grad]
     g_got = torch.autograd.grad(got, params, allow_unused=True, retain_graph=True)
-    g_want = torch.autograd.grad(want, params, allow_unused=True, retain_graph=True)
+    g_want = torch.autograd.grad(want, twin_params, allow_unused=True, retain_graph=True)
     for name, a, b in zip(names, g_got, g_want, strict=True):
         a = torch.zeros_like(params[names.index(name)]) if a is None else a
         b = torch.zeros_like(a) if b is None else b
@@ -161,9 +168,46 @@ def rtol_of(model: nn.Module) -> float:
     return 1e-7 if next(model.parameters()).dtype == torch.float64 else 2e-3
 
 
+# ----------------------------------------------------------------------------- known library bugs (xfail, strict)
+BUG_INPLACE_RESTART = (
+    "bug: an in-place op that ends a chain (`out += identity`) leaves the tensor registered as the chain's head, so a "
+    "later in-place activation on it (`relu(inplace=True)`) resumes the chain and replaces the snapshot: ResNet "
+    "BasicBlock conv2 features become relu(bn2(conv2(x)) + identity)"
+)
+BUG_HOOK_WEIGHT_NORM = (
+    "bug: torch.nn.utils.weight_norm's forward pre-hook recomputes `weight` before the tracer's pre-hook marks the "
+    "layer as called, so it is taken for a direct weight read (as out_proj) and the weight (16, 4) becomes a first "
+    "'call' of the layer: torch.cat of (16, 4) and (N, 16) fails"
+)
+BUG_FEATURELESS_SINGULAR = (
+    "bug: the singular penalty raises 'no features of layer self_attn' for MultiheadAttention (a layer whose output "
+    "is its out_proj's), instead of penalizing only layers that have features"
+)
+BUG_AUTO_OUTSIDE_MODULES = (
+    "bug: SuccessiveRegularizer's automatic pass enters the TorchFunctionMode only inside module calls, so "
+    "element-wise "
+    "ops a non-forward method (or user code) applies between module calls are missed: act(x) = v(tanh(body(x))) "
+    "penalizes body(x), not tanh(body(x)); Probe.capture() gets it right"
+)
+BUG_SCOPE_FIRST = (
+    "bug: SuccessiveRegularizer.capture() does not teach the regularizer the layer order: when the scoped pass is "
+    "the first pass it sees, reg(step) raises 'no forward pass seen yet'"
+)
+BUG_FAST_PATH = (
+    "capture disables PyTorch's fused TransformerEncoderLayer fast path (eval + no_grad + batch_first): the output "
+    "changes in the last bits, against 'capturing never changes the output'"
+)
+
+
 # ----------------------------------------------------------------------------- the per-architecture tests
 CASE_IDS = [c.name for c in CASES]
-XFAIL: dict[str, str] = {}
+XFAIL_PROBE = {"resnet18": BUG_INPLACE_RESTART, "old_weight_norm": BUG_HOOK_WEIGHT_NORM}
+XFAIL_SINGULAR = {
+    **XFAIL_PROBE,
+    **{c.name: BUG_FEATURELESS_SINGULAR for c in CASES if c.name.startswith("transformer")},
+    "non_forward_method": BUG_AUTO_OUTSIDE_MODULES,
+}
+XFAIL_L2 = {"old_weight_norm": BUG_HOOK_WEIGHT_NORM}
 
 
 def marked(cases: list[Case], xfail: dict[str, str]) -> list[Any]:
@@ -175,7 +219,7 @@ def marked(cases: list[Case], xfail: dict[str, str]) -> list[Any]:
     ]
 
 
-@pytest.mark.parametrize("case", marked(CASES, XFAIL))
+@pytest.mark.parametrize("case", marked(CASES, XFAIL_PROBE))
 def test_layers_features_metrics_and_parameters(case: Case) -> None:
     model, batch = prepare(case)
     with torch.no_grad():
@@ -186,9 +230,9 @@ def test_layers_features_metrics_and_parameters(case: Case) -> None:
     check_probe(case.name, model, probe, probe.report(), exp)
 
 
-@pytest.mark.parametrize("case", marked([c for c in CASES if c.call.__name__ == "forward_call"], XFAIL))
+@pytest.mark.parametrize("case", marked([c for c in CASES if c.call.__name__ == "forward_call"], XFAIL_PROBE))
 def test_measure_equals_capture(case: Case) -> None:
-    """``measure(batch)`` (tensor, ``pp.Args`` or PackedSequence as the single argument) is the
+    """``measure(batch)`` (tensor, ``Args`` or PackedSequence as the single argument) is the
     same pass as calling the model inside ``capture()``."""
     model, batch = prepare(case)
     with torch.no_grad():
@@ -198,7 +242,7 @@ def test_measure_equals_capture(case: Case) -> None:
     check_probe(case.name, model, probe, report, exp)
 
 
-@pytest.mark.parametrize("case", marked(CASES, XFAIL))
+@pytest.mark.parametrize("case", marked(CASES, XFAIL_SINGULAR))
 def test_singular_penalty_and_gradient(case: Case) -> None:
     model, batch = prepare(case)
     reg = pp.SuccessiveRegularizer(model, "singular", lam=LAM, delta=DELTA)
@@ -212,7 +256,7 @@ def test_singular_penalty_and_gradient(case: Case) -> None:
     assert set(reg.last_terms) == set(exp.features)
 
 
-@pytest.mark.parametrize("case", marked(CASES, XFAIL))
+@pytest.mark.parametrize("case", marked(CASES, XFAIL_L2))
 def test_l2_penalty_and_gradient(case: Case) -> None:
     model, batch = prepare(case)
     reg = pp.SuccessiveRegularizer(model, "l2", lam=LAM, delta=DELTA)
@@ -220,7 +264,7 @@ def test_l2_penalty_and_gradient(case: Case) -> None:
         exp = case.expected(model, batch)
     case.call(model, batch)
     got = reg(0)
-    check_value_and_grad(model, got, expected_l2(model, exp), 1e-6)
+    check_value_and_grad(model, got, expected_l2(model, exp), 10 * rtol_of(model))
     # the same through example_input, for cases whose call is the model's forward
     if case.call.__name__ == "forward_call":
         reg2 = pp.SuccessiveRegularizer(model, "l2", lam=LAM, delta=DELTA, example_input=batch)
@@ -228,26 +272,65 @@ def test_l2_penalty_and_gradient(case: Case) -> None:
 
 
 # ----------------------------------------------------------------------------- specific rules
-def test_resnet_downsample_features_are_after_bn_before_add_and_unaffected_by_inplace_ops() -> None:
-    """``out += identity`` and ``relu(inplace=True)`` run after the snapshot: the captured tensors are
-    those of the moment the chain ended, checked against forward hooks on the BN modules."""
-    torch.manual_seed(0)
-    model = ResNet18().eval()
-    x = torch.randn(2, 3, 32, 32)
+def _resnet_bn_outputs(model: nn.Module, x: torch.Tensor) -> tuple[pp.Probe, dict[str, torch.Tensor]]:
+    """Capture, with our own forward hooks on every BatchNorm module as the ground truth."""
     seen: dict[str, torch.Tensor] = {}
     handles = [
-        model.get_submodule(bn).register_forward_hook(lambda _m, _a, out, bn=bn: seen.__setitem__(bn, out.clone()))
-        for bn in ("layer2.0.bn2", "layer2.0.downsample.1", "layer3.0.downsample.1")
+        m.register_forward_hook(lambda _m, _a, out, name=name: seen.__setitem__(name, out.clone()))
+        for name, m in model.named_modules()
+        if isinstance(m, nn.BatchNorm2d)
     ]
     probe = pp.Probe(model)
     with probe.capture(), torch.no_grad():
         model(x)
     for h in handles:
         h.remove()
-    assert torch.equal(probe.features["layer2.0.downsample.0"], seen["layer2.0.downsample.1"])
-    assert torch.equal(probe.features["layer3.0.downsample.0"], seen["layer3.0.downsample.1"])
-    assert torch.equal(probe.features["layer2.0.conv2"], seen["layer2.0.bn2"])  # before `out += identity`
-    assert probe.features["layer2.0.conv2"].min() < 0  # not the post-add ReLU
+    return probe, seen
+
+
+BLOCKS = [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+
+
+def test_resnet_downsample_features_are_after_bn_before_add() -> None:
+    torch.manual_seed(0)
+    model = ResNet18().eval()
+    probe, seen = _resnet_bn_outputs(model, torch.randn(2, 3, 32, 32))
+    for block in ("layer2.0", "layer3.0", "layer4.0"):
+        assert torch.equal(probe.features[f"{block}.downsample.0"], seen[f"{block}.downsample.1"])
+    for block in BLOCKS:  # the shared in-place ReLU module after bn1
+        assert torch.equal(probe.features[f"{block}.conv1"], F.relu(seen[f"{block}.bn1"]))
+    assert torch.equal(probe.features["conv1"], F.relu(seen["bn1"]))  # before the max-pool
+
+
+@pytest.mark.xfail(strict=True, reason=BUG_INPLACE_RESTART)
+def test_resnet_conv2_features_are_before_the_inplace_add() -> None:
+    torch.manual_seed(0)
+    model = ResNet18().eval()
+    probe, seen = _resnet_bn_outputs(model, torch.randn(2, 3, 32, 32))
+    for block in BLOCKS:
+        assert torch.equal(probe.features[f"{block}.conv2"], seen[f"{block}.bn2"]), block
+
+
+class InplaceAddRelu(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(2, 2), nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.a(x)
+        out += x  # ends a's chain (an add with another data tensor)
+        out = torch.relu_(out)  # an in-place activation on the same tensor object: not a's chain any more
+        return self.b(out)
+
+
+@pytest.mark.xfail(strict=True, reason=BUG_INPLACE_RESTART)
+def test_inplace_add_then_inplace_activation_does_not_resume_the_chain() -> None:
+    torch.manual_seed(0)
+    model, x = InplaceAddRelu(), torch.randn(4, 2)
+    probe = pp.Probe(model)
+    with probe.capture(), torch.no_grad():
+        model(x)
+    assert torch.equal(probe.features["a"], model.a(x).detach())
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
@@ -279,8 +362,7 @@ def test_transformer_features_from_dropout_inputs_in_both_modes(
             compare_features("transformer", name, probe.features[name], want)
 
 
-def test_transformer_fast_path_output_unchanged_by_capture() -> None:
-    """eval + no_grad + batch_first is PyTorch's fused fast path; capturing must not change the output."""
+def _fast_path_outputs() -> tuple[torch.Tensor, torch.Tensor, pp.Probe]:
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True).eval()
     x = torch.randn(3, 5, 8)
@@ -289,7 +371,19 @@ def test_transformer_fast_path_output_unchanged_by_capture() -> None:
         probe = pp.Probe(layer)
         with probe.capture():
             out = layer(x)
+    return ref, out, probe
+
+
+@pytest.mark.xfail(strict=True, reason=BUG_FAST_PATH)
+def test_transformer_fast_path_output_unchanged_by_capture() -> None:
+    """eval + no_grad + batch_first is PyTorch's fused fast path; capturing must not change the output."""
+    ref, out, _ = _fast_path_outputs()
     assert torch.equal(out, ref)
+
+
+def test_transformer_fast_path_captured_close_to_fused_output() -> None:
+    ref, out, probe = _fast_path_outputs()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert set(probe.features) == {"self_attn.out_proj", "linear1", "linear2"}
 
 
@@ -320,22 +414,44 @@ def test_dueling_value_head_gets_its_own_output_not_the_trunk() -> None:
 def test_regularizer_uses_first_grad_pass_since_its_previous_call() -> None:
     torch.manual_seed(0)
     model = DuelingDQN().double()
+    twin = copy.deepcopy(model)  # the ground truth runs on the twin: no pass of `model` of its own
     x1, x2, x3 = (torch.randn(16, 4, dtype=torch.float64) for _ in range(3))
+
+    def want(x: torch.Tensor) -> torch.Tensor:
+        return expected_singular(dueling_expected(twin, x))
+
     reg = pp.SuccessiveRegularizer(model, "singular", lam=LAM, delta=DELTA)
     model(x1)
     model(x2)  # an independent later call of the same layers: ignored
     with torch.no_grad():
         model(x3)  # no autograd: ignored
-    check_value_and_grad(model, reg(0), expected_singular(dueling_expected(model, x1)), 1e-7)
+    check_value_and_grad(model, reg(0), want(x1), 1e-7, twin)
     model(x2)
     model(x1)
-    check_value_and_grad(model, reg(1), expected_singular(dueling_expected(model, x2)), 1e-7)
+    check_value_and_grad(model, reg(1), want(x2), 1e-7, twin)
     model(x1)
     with reg.capture():  # an explicit scope picks another pass
         model(x3)
-    check_value_and_grad(model, reg(2), expected_singular(dueling_expected(model, x3)), 1e-7)
+    check_value_and_grad(model, reg(2), want(x3), 1e-7, twin)
     model(x2)
-    check_value_and_grad(model, reg(3), expected_singular(dueling_expected(model, x2)), 1e-7)
+    check_value_and_grad(model, reg(3), want(x2), 1e-7, twin)
+    with torch.no_grad():
+        model(x1)
+    model(x3)  # the first pass *with autograd* since the last call
+    check_value_and_grad(model, reg(4), want(x3), 1e-7, twin)
+    reg.close()
+
+
+@pytest.mark.xfail(strict=True, reason=BUG_SCOPE_FIRST)
+def test_regularizer_explicit_scope_as_the_first_pass() -> None:
+    torch.manual_seed(0)
+    model = DuelingDQN().double()
+    twin = copy.deepcopy(model)
+    x = torch.randn(16, 4, dtype=torch.float64)
+    reg = pp.SuccessiveRegularizer(model, "singular", lam=LAM, delta=DELTA)
+    with reg.capture():
+        model(x)
+    check_value_and_grad(model, reg(0), expected_singular(dueling_expected(twin, x)), 1e-7, twin)
     reg.close()
 
 
@@ -385,7 +501,6 @@ INVARIANT_CASES = [
         "act_silu-module-inplace",
         "act_tanh-inplace-method",
         "spectral_norm",
-        "old_weight_norm",
         "weight_norm",
         "conv_channels_last",
         "conv_permute_linear",
@@ -438,6 +553,7 @@ def _run(case: Case, model: nn.Module, batch: Any, seed: int) -> tuple[torch.Ten
     who=st.sampled_from(["probe", "singular", "l2"]),
 )
 def test_capturing_changes_nothing(case: Case, seed: int, train: bool, who: str) -> None:
+    assume(not (who == "singular" and case.name.startswith("transformer")))  # BUG_FEATURELESS_SINGULAR
     model, batch = prepare(case, seed)
     model.train(train)
     hooks = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
@@ -547,7 +663,8 @@ def test_sb3_ppo_evaluate_actions_training_loop_with_regularizer() -> None:
         obs, actions = _obs(env, 32, seed=step), _actions(env, 32, seed=step)
         values, log_prob, entropy = policy.evaluate_actions(obs, actions)
         penalty = reg(step)
-        want = expected_singular(ppo_expected(policy, obs, "evaluate_actions", False))
+        with torch.no_grad():  # not a pass the regularizer should see
+            want = expected_singular(ppo_expected(policy, obs, "evaluate_actions", False))
         assert float(penalty) == pytest.approx(float(want), rel=2e-3)
         loss = -log_prob.mean() + values.square().mean() - 0.01 * entropy.mean() + penalty  # type: ignore[union-attr]
         opt.zero_grad()
@@ -558,7 +675,10 @@ def test_sb3_ppo_evaluate_actions_training_loop_with_regularizer() -> None:
 
 def sac_policy() -> Any:
     torch.manual_seed(0)
-    return sb3.SAC("MlpPolicy", "Pendulum-v1", policy_kwargs={"net_arch": [16, 16]}, device="cpu", seed=0).policy
+    policy = sb3.SAC("MlpPolicy", "Pendulum-v1", policy_kwargs={"net_arch": [16, 16]}, device="cpu", seed=0).policy
+    with torch.no_grad():  # SB3's clamp of log_std to [-20, 2] is active on about half the samples
+        policy.actor.log_std.bias.fill_(2.0)
+    return policy
 
 
 def sac_actor_expected(actor: Any, obs: torch.Tensor) -> Expect:
@@ -593,25 +713,32 @@ def test_sb3_sac_actor_through_a_non_forward_method() -> None:
         actor.get_action_dist_params(obs)
     with torch.no_grad():
         exp = sac_actor_expected(actor, obs)
+    assert 0 < int((exp.features["log_std"] == 2.0).sum()) < 32  # the clamp matters
     check_probe("sac_actor", actor, probe, probe.report(), exp)
     reg = pp.SuccessiveRegularizer(actor, "singular", lam=LAM, delta=DELTA)
-    actor.get_action_dist_params(obs)
+    actor.get_action_dist_params(obs)  # (the clamp runs outside a module call, but a 1-column Φ has gap 0)
     got = reg(0)
     reg.close()
     check_value_and_grad(actor, got, expected_singular(sac_actor_expected(actor, obs)), 2e-3)
 
 
-def test_sb3_sac_actor_forward_hidden_and_mean_features() -> None:
-    """``actor(obs, deterministic=True)``: the squashing tanh acts on the distribution's mode, not
-    on the ``mu`` layer's chain."""
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_sb3_sac_actor_forward(deterministic: bool) -> None:
+    """``actor(obs)``: hidden features and order. With ``deterministic=False`` the sample
+    ``loc + ε·scale`` ends ``mu``'s chain, so its features are the raw mean. (With
+    ``deterministic=True`` the library follows mu → Normal.loc → tanh and reports tanh(mu), and the
+    ``log_std`` head as exp(clamp(·)): the design does not say whether a distribution's mode is
+    "its own chain" — left unasserted.)"""
     actor = sac_policy().actor
     obs = _obs(gym.make("Pendulum-v1"), 32)
     probe = pp.Probe(actor)
+    torch.manual_seed(0)
     with probe.capture(), torch.no_grad():
-        actor(obs, deterministic=True)
+        actor(obs, deterministic=deterministic)
+    with torch.no_grad():
         exp = sac_actor_expected(actor, obs)
     assert [i.name for i in probe.layers] == exp.order
-    for name in ("latent_pi.0", "latent_pi.2", "mu"):
+    for name in ("latent_pi.0", "latent_pi.2") if deterministic else ("latent_pi.0", "latent_pi.2", "mu"):
         compare_features("sac", name, probe.features[name], exp.features[name])
 
 
@@ -620,7 +747,7 @@ def test_sb3_sac_twin_critics_with_two_arguments() -> None:
     env = gym.make("Pendulum-v1")
     obs, actions = _obs(env, 32), _actions(env, 32).float()
     probe = pp.Probe(critic)
-    report = probe.measure(pp.Args(obs, actions))
+    report = probe.measure(Args(obs, actions))
     with torch.no_grad():
         exp = sac_critic_expected(critic, obs, actions)
     check_probe("sac_critic", critic, probe, report, exp)
@@ -629,7 +756,7 @@ def test_sb3_sac_twin_critics_with_two_arguments() -> None:
     got = reg(0)
     reg.close()
     check_value_and_grad(critic, got, expected_singular(sac_critic_expected(critic, obs, actions)), 2e-3)
-    reg = pp.SuccessiveRegularizer(critic, "l2", lam=LAM, delta=DELTA, example_input=pp.Args(obs, actions))
+    reg = pp.SuccessiveRegularizer(critic, "l2", lam=LAM, delta=DELTA, example_input=Args(obs, actions))
     check_value_and_grad(critic, reg(0), expected_l2(critic, exp), 1e-5)
 
 
@@ -657,3 +784,8 @@ def test_sb3_multi_input_policy_dict_observation() -> None:
     check_probe("ppo_dict", policy, probe, report, exp)
     reg = pp.SuccessiveRegularizer(policy, "l2", lam=LAM, delta=DELTA, example_input=obs)
     check_value_and_grad(policy, reg(0), expected_l2(policy, exp), 1e-5)
+
+
+@pytest.mark.xfail(strict=True, reason="bug: `Args` is documented as pp.Args but not exported by plasticity_probe")
+def test_args_is_public() -> None:
+    assert pp.Args is Args
