@@ -33,7 +33,7 @@ from architectures import (
     same_rows,
     user_unroll,
 )
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -169,31 +169,15 @@ def rtol_of(model: nn.Module) -> float:
 
 
 # ----------------------------------------------------------------------------- known library bugs (xfail, strict)
-BUG_INPLACE_RESTART = (
-    "bug: an in-place op that ends a chain (`out += identity`) leaves the tensor registered as the chain's head, so a "
-    "later in-place activation on it (`relu(inplace=True)`) resumes the chain and replaces the snapshot: ResNet "
-    "BasicBlock conv2 features become relu(bn2(conv2(x)) + identity)"
-)
-BUG_HOOK_WEIGHT_NORM = (
-    "bug: torch.nn.utils.weight_norm's forward pre-hook recomputes `weight` before the tracer's pre-hook marks the "
-    "layer as called, so it is taken for a direct weight read (as out_proj) and the weight (16, 4) becomes a first "
-    "'call' of the layer: torch.cat of (16, 4) and (N, 16) fails"
-)
-BUG_FEATURELESS_SINGULAR = (
-    "bug: the singular penalty raises 'no features of layer self_attn' for MultiheadAttention (a layer whose output "
-    "is its out_proj's), instead of penalizing only layers that have features"
-)
 BUG_AUTO_OUTSIDE_MODULES = (
-    "bug: SuccessiveRegularizer's automatic pass enters the TorchFunctionMode only inside module calls, so "
+    "documented limitation (docs/metrics.md; use reg.capture()): "
+    "SuccessiveRegularizer's automatic pass enters the TorchFunctionMode only inside module calls, so "
     "element-wise "
     "ops a non-forward method (or user code) applies between module calls are missed: act(x) = v(tanh(body(x))) "
     "penalizes body(x), not tanh(body(x)); Probe.capture() gets it right"
 )
-BUG_SCOPE_FIRST = (
-    "bug: SuccessiveRegularizer.capture() does not teach the regularizer the layer order: when the scoped pass is "
-    "the first pass it sees, reg(step) raises 'no forward pass seen yet'"
-)
 BUG_FAST_PATH = (
+    "documented deviation (docs/metrics.md): "
     "capture disables PyTorch's fused TransformerEncoderLayer fast path (eval + no_grad + batch_first): the output "
     "changes in the last bits, against 'capturing never changes the output'"
 )
@@ -201,13 +185,9 @@ BUG_FAST_PATH = (
 
 # ----------------------------------------------------------------------------- the per-architecture tests
 CASE_IDS = [c.name for c in CASES]
-XFAIL_PROBE = {"resnet18": BUG_INPLACE_RESTART, "old_weight_norm": BUG_HOOK_WEIGHT_NORM}
-XFAIL_SINGULAR = {
-    **XFAIL_PROBE,
-    **{c.name: BUG_FEATURELESS_SINGULAR for c in CASES if c.name.startswith("transformer")},
-    "non_forward_method": BUG_AUTO_OUTSIDE_MODULES,
-}
-XFAIL_L2 = {"old_weight_norm": BUG_HOOK_WEIGHT_NORM}
+XFAIL_PROBE: dict[str, str] = {}
+XFAIL_SINGULAR = {"non_forward_method": BUG_AUTO_OUTSIDE_MODULES}
+XFAIL_L2: dict[str, str] = {}
 
 
 def marked(cases: list[Case], xfail: dict[str, str]) -> list[Any]:
@@ -302,7 +282,6 @@ def test_resnet_downsample_features_are_after_bn_before_add() -> None:
     assert torch.equal(probe.features["conv1"], F.relu(seen["bn1"]))  # before the max-pool
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_INPLACE_RESTART)
 def test_resnet_conv2_features_are_before_the_inplace_add() -> None:
     torch.manual_seed(0)
     model = ResNet18().eval()
@@ -323,7 +302,6 @@ class InplaceAddRelu(nn.Module):
         return self.b(out)
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_INPLACE_RESTART)
 def test_inplace_add_then_inplace_activation_does_not_resume_the_chain() -> None:
     torch.manual_seed(0)
     model, x = InplaceAddRelu(), torch.randn(4, 2)
@@ -442,7 +420,6 @@ def test_regularizer_uses_first_grad_pass_since_its_previous_call() -> None:
     reg.close()
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_SCOPE_FIRST)
 def test_regularizer_explicit_scope_as_the_first_pass() -> None:
     torch.manual_seed(0)
     model = DuelingDQN().double()
@@ -553,7 +530,6 @@ def _run(case: Case, model: nn.Module, batch: Any, seed: int) -> tuple[torch.Ten
     who=st.sampled_from(["probe", "singular", "l2"]),
 )
 def test_capturing_changes_nothing(case: Case, seed: int, train: bool, who: str) -> None:
-    assume(not (who == "singular" and case.name.startswith("transformer")))  # BUG_FEATURELESS_SINGULAR
     model, batch = prepare(case, seed)
     model.train(train)
     hooks = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
@@ -786,6 +762,5 @@ def test_sb3_multi_input_policy_dict_observation() -> None:
     check_value_and_grad(policy, reg(0), expected_l2(policy, exp), 1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: `Args` is documented as pp.Args but not exported by plasticity_probe")
 def test_args_is_public() -> None:
     assert pp.Args is Args
