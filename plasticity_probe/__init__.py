@@ -34,7 +34,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Args",
-    "ParamGroup",
     "CsvSink",
     "GroupRecord",
     "HessianSpectrum",
@@ -42,6 +41,7 @@ __all__ = [
     "LayerInfo",
     "LayerRecord",
     "NonFiniteWarning",
+    "ParamGroup",
     "Penalty",
     "Probe",
     "Report",

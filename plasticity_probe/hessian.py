@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from plasticity_probe.layers import measuring
 from plasticity_probe.metrics import NonFiniteWarning
 
 __all__ = [
@@ -145,6 +146,9 @@ def frozen_closure_state(model: nn.Module | None = None) -> Iterator[None]:
             net = pp.hessian_spectrum(loss_fn, model)
             per_layer = [pp.hessian_spectrum(loss_fn, list(m.parameters()), model=model) for m in layers]
 
+    Passes inside are measurements, not training passes: a ``SuccessiveRegularizer`` on the
+    same model ignores them (:func:`~plasticity_probe.layers.measuring`).
+
     A ``RuntimeWarning`` is issued once, by the outermost context, when ``model`` is in train mode
     with an active dropout module: the loss is then random (its mask is fixed by the snapshot).
     """
@@ -163,7 +167,8 @@ def frozen_closure_state(model: nn.Module | None = None) -> Iterator[None]:
         _ClosureState([model]).install()  # a model outside the outer snapshot: clone its buffers too
     _ACTIVE.append(state)
     try:
-        yield
+        with measuring():
+            yield
     finally:
         _ACTIVE.pop()
         state.restore()

@@ -34,6 +34,7 @@ changes the model's output, gradients, train/eval mode, BatchNorm statistics or 
 
 from __future__ import annotations
 
+import copy
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -57,6 +58,8 @@ __all__ = [
     "call_model",
     "discover_layers",
     "layer_candidates",
+    "measuring",
+    "private_copy",
 ]
 
 ROOT_NAME = "(root)"
@@ -257,6 +260,21 @@ def _tensors(args: Sequence[Any], kwargs: dict[str, Any] | None) -> list[torch.T
     if kwargs:
         out += [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
     return out
+
+
+_SUSPENDED = [0]  # > 0 while measuring: automatic recorders (a regularizer's) ignore passes
+
+
+@contextmanager
+def measuring() -> Iterator[None]:
+    """Passes run inside (a probe's forward, a loss closure evaluated for gradients or a
+    Hessian) are not training passes: ``SuccessiveRegularizer``'s automatic recording ignores
+    them, so its next penalty still uses the training pass."""
+    _SUSPENDED[0] += 1
+    try:
+        yield
+    finally:
+        _SUSPENDED[0] -= 1
 
 
 class _Chain:
@@ -566,7 +584,7 @@ class DataFlowTracer:
         self._auto = False
 
     def _enter(self, _module: nn.Module, _args: tuple[Any, ...]) -> None:
-        if self._depth == 0 and torch.is_grad_enabled() and not self._closed:
+        if self._depth == 0 and torch.is_grad_enabled() and not self._closed and not _SUSPENDED[0]:
             self._mode = _Mode(self)
             self._mode.__enter__()
         self._depth += 1
@@ -580,7 +598,7 @@ class DataFlowTracer:
                 self._mode = None
 
     def _auto_accepts(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-        if not torch.is_grad_enabled() or self._closed:
+        if not torch.is_grad_enabled() or self._closed or _SUSPENDED[0]:
             return False
         if not self._order:
             self._pass_epoch = self._epoch
@@ -697,6 +715,22 @@ class DataFlowTracer:
 
     def _consumer_lists(self) -> dict[str, list[Consumer]]:
         return {src: [Consumer(layer, route) for layer, route in by.items()] for src, by in self._consumers.items()}
+
+
+def _is_tracer_hook(hook: Any) -> bool:
+    owner = getattr(hook, "__self__", None)
+    return isinstance(owner, DataFlowTracer) or getattr(hook, "__qualname__", "").startswith("DataFlowTracer.")
+
+
+def private_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` without the hooks this library keeps on it (a
+    ``SuccessiveRegularizer``'s), so the copy neither records into nor drags along their state."""
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for attr, hooks in vars(module).items():
+            if attr.endswith("hooks") and isinstance(hooks, dict) and any(_is_tracer_hook(h) for h in hooks.values()):
+                memo[id(hooks)] = type(hooks)((k, h) for k, h in hooks.items() if not _is_tracer_hook(h))
+    return copy.deepcopy(model, memo)
 
 
 def discover_layers(

@@ -19,7 +19,6 @@ were. Deterministic for a seed.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +26,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from plasticity_probe.layers import private_copy
 
 __all__ = ["TrainabilityResult", "trainability"]
 
@@ -65,7 +66,7 @@ def _random_targets(
     model: nn.Module, batch: Any, forward: Callable[[nn.Module, Any], torch.Tensor] | None
 ) -> torch.Tensor:
     """Outputs of a re-initialized copy of ``model``, standardized per output unit (uses the global RNG)."""
-    fresh = copy.deepcopy(model)
+    fresh = private_copy(model)
     for module in fresh.modules():
         reset = getattr(module, "reset_parameters", None)
         if callable(reset):
@@ -111,7 +112,7 @@ def trainability(
     with torch.random.fork_rng(devices=cuda), torch.enable_grad():
         torch.manual_seed(seed)
         targets = _random_targets(model, batch, forward)
-        learner = copy.deepcopy(model)
+        learner = private_copy(model)
         trainable = [p for p in learner.parameters() if p.requires_grad]
         for p in learner.parameters():
             p.grad = None

@@ -249,10 +249,13 @@ def train(
         assert probe_batch is not None
         pb = probe_batch
         with_hessian = cfg.hessian_every > 0 and t % cfg.hessian_every == 0
-        report = pp.Probe(q, probe_batch=pb.obs).measure(
-            loss_fn=(lambda: td_loss(q, target, pb, cfg.gamma)[0]) if with_hessian else None,
+        report = pp.Probe(q, probe_batch=pb.obs, init_state=init_state).measure(
+            loss_fn=lambda: td_loss(q, target, pb, cfg.gamma)[0],
+            gradients=True,
             hessian=with_hessian,
             hessian_kwargs={"trace_samples": 20, "seed": cfg.seed},
+            trainability=True,
+            trainability_kwargs={"seed": cfg.seed},
         )
         plasticity.write(t, report, network="online")
 
