@@ -788,6 +788,66 @@ def methods_expected(m: ActorCriticMethods, x: Tensor) -> Expect:
     return Expect(list(feats), feats, {k: [f"{k}.weight", f"{k}.bias"] for k in feats})
 
 
+# ====== more rules: a layer reused in depth, weights read by a parent, dropout/BN in train mode
+class ReusedInDepth(nn.Module):
+    """The same Linear applied twice in a row (weight sharing in depth): both calls, stacked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.shared, self.out = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.inp(x))
+        return self.out(F.relu(self.shared(F.relu(self.shared(h)))))
+
+
+def reused_expected(m: ReusedInDepth, x: Tensor) -> Expect:
+    h = torch.tanh(m.inp(x))
+    s1 = F.relu(m.shared(h))
+    s2 = F.relu(m.shared(s1))
+    feats = {"inp": h, "shared": torch.cat([s1, s2]), "out": m.out(s2)}
+    return Expect(list(feats), feats, {k: [f"{k}.weight", f"{k}.bias"] for k in feats})
+
+
+class ParentReadsWeights(nn.Module):
+    """``fc``'s forward is never called: the parent applies its weight with F.linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.head = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(F.silu(F.linear(x, self.fc.weight, self.fc.bias)))
+
+
+def parent_reads_expected(m: ParentReadsWeights, x: Tensor) -> Expect:
+    h = F.silu(F.linear(x, m.fc.weight, m.fc.bias))
+    feats = {"fc": h, "head": m.head(h)}
+    return Expect(list(feats), feats, {k: [f"{k}.weight", f"{k}.bias"] for k in feats})
+
+
+class DropoutBNNet(nn.Module):
+    """Train/eval-sensitive modules: BatchNorm1d and dropout (module and functional)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.bn, self.drop, self.fc2 = nn.Linear(4, 16), nn.BatchNorm1d(16), nn.Dropout(0.3), nn.Linear(16, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.dropout(self.drop(F.relu(self.bn(self.fc1(x)))), 0.2, self.training))
+
+
+def dropout_bn_truth(m: DropoutBNNet, run: Callable[[], Any]) -> dict[str, Tensor]:
+    """fc1's features are what the dropout module receives (pre-dropout), in any mode."""
+    seen: list[Tensor] = []
+    handle = m.drop.register_forward_pre_hook(lambda _m, a: seen.append(a[0].clone()))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return {"fc1": seen[0]}
+
+
 # ====== the registry of plain-PyTorch cases
 def _x(*shape: int) -> Callable[[nn.Module, int], Tensor]:
     return lambda _m, seed: randn(*shape, seed=seed)
@@ -859,6 +919,8 @@ CASES: list[Case] = [
     Case("conv_channels_last", _channels_last_model, _channels_last_x, forward_call, small_conv_expected, double=False),
     Case("conv_permute_linear", ConvTokens, _x(2, 3, 5, 5), forward_call, conv_tokens_expected),
     Case("siamese", Siamese, _two, forward_call, siamese_expected),
+    Case("reused_in_depth", ReusedInDepth, _x(16, 4), forward_call, reused_expected),
+    Case("parent_reads_weights", ParentReadsWeights, _x(16, 4), forward_call, parent_reads_expected),
     Case(
         "non_forward_method",
         ActorCriticMethods,

@@ -20,16 +20,20 @@ import torch.nn.functional as F
 from architectures import (
     CASES,
     Case,
+    DropoutBNNet,
     DuelingDQN,
     Expect,
     GRUCellNet,
+    ResidualMLP,
     ResNet18,
+    dropout_bn_truth,
     dueling_expected,
     encoder_expected,
     encoder_hook_truth,
     gru_cell_expected,
     prepare,
     randn,
+    resmlp_expected,
     same_rows,
     user_unroll,
 )
@@ -365,7 +369,7 @@ def test_transformer_fast_path_captured_close_to_fused_output() -> None:
     assert set(probe.features) == {"self_attn.out_proj", "linear1", "linear2"}
 
 
-def test_gru_cell_steps_in_order_and_conv_units_are_channels() -> None:
+def test_gru_cell_steps_stacked_in_call_order() -> None:
     model, xs = GRUCellNet(), torch.randn(3, 2, 3)
     probe = pp.Probe(model)
     with probe.capture(), torch.no_grad():
@@ -490,17 +494,6 @@ INVARIANT_CASES = [
 ]
 
 
-class DropoutBNNet(nn.Module):
-    """Train/eval-sensitive modules: BatchNorm1d and dropout (functional and module)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1, self.bn, self.drop, self.fc2 = nn.Linear(4, 16), nn.BatchNorm1d(16), nn.Dropout(0.3), nn.Linear(16, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.dropout(self.drop(F.relu(self.bn(self.fc1(x)))), 0.2, self.training))
-
-
 def _dropout_bn_expected(m: DropoutBNNet, x: torch.Tensor) -> Expect:  # pragma: no cover - invariants only
     raise NotImplementedError
 
@@ -508,6 +501,21 @@ def _dropout_bn_expected(m: DropoutBNNet, x: torch.Tensor) -> Expect:  # pragma:
 INVARIANT_CASES.append(
     Case("dropout_bn", DropoutBNNet, lambda _m, s: randn(8, 4, seed=s), lambda m, x: m(x), _dropout_bn_expected)
 )
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_dropout_ends_the_chain_and_batchnorm_extends_it(train: bool) -> None:
+    torch.manual_seed(0)
+    model = DropoutBNNet().train(train)
+    x = torch.randn(8, 4)
+    torch.manual_seed(1)
+    truth = dropout_bn_truth(model, lambda: model(x))
+    probe = pp.Probe(model)
+    torch.manual_seed(1)
+    with probe.capture():
+        model(x)
+    assert torch.equal(probe.features["fc1"], truth["fc1"])  # post-BN-ReLU, pre-dropout
+    assert probe.layers[0].params == ("fc1.weight", "fc1.bias", "bn.weight", "bn.bias")
 
 
 def _grads(model: nn.Module, out: torch.Tensor) -> list[torch.Tensor | None]:
@@ -764,3 +772,47 @@ def test_sb3_multi_input_policy_dict_observation() -> None:
 
 def test_args_is_public() -> None:
     assert pp.Args is Args
+
+
+def test_sb3_ppo_predict_is_a_partial_pass_and_drops_nothing() -> None:
+    """``policy.predict`` (numpy in, no_grad inside SB3) runs the actor side only: the value layers
+    are listed as not called and their parameters kept in groups."""
+    env = gym.make("CartPole-v1")
+    policy = ppo_policy(env)
+    obs = _obs(env, 8)
+    probe = pp.Probe(policy)
+    with probe.capture():
+        policy.predict(obs.numpy(), deterministic=True)
+    report = probe.report()
+    assert [(r.name, r.index) for r in report.layers] == [
+        ("mlp_extractor.policy_net.0", 1),
+        ("mlp_extractor.policy_net.2", 2),
+        ("action_net", 3),
+    ]
+    with torch.no_grad():
+        exp = ppo_expected(policy, obs, "forward", False)
+    for name in ("mlp_extractor.policy_net.0", "mlp_extractor.policy_net.2", "action_net"):
+        compare_features("ppo_predict", name, probe.features[name], exp.features[name])
+    assert {g.name for g in report.groups} == {"mlp_extractor.value_net.0", "mlp_extractor.value_net.2", "value_net"}
+    assert {s.name for s in report.skipped if "not called" in s.reason} == {g.name for g in report.groups}
+    total = sum(r.n_params for r in report.layers) + sum(g.n_params for g in report.groups)
+    assert total == sum(p.numel() for p in policy.parameters())
+
+
+def test_probe_capture_and_regularizer_on_the_same_pass() -> None:
+    """A training step with the regularizer's automatic hooks attached, inside a probe capture:
+    both see the same, correct features."""
+    torch.manual_seed(0)
+    model = ResidualMLP().double()
+    twin = copy.deepcopy(model)
+    x = torch.randn(32, 4, dtype=torch.float64)
+    reg = pp.SuccessiveRegularizer(model, "singular", lam=LAM, delta=DELTA)
+    probe = pp.Probe(model)
+    with probe.capture():
+        model(x)
+    got = reg(0)
+    reg.close()
+    exp = resmlp_expected(twin, x)
+    for name, want in exp.features.items():
+        compare_features("nested", name, probe.features[name], want)
+    check_value_and_grad(model, got, expected_singular(exp), 1e-7, twin)
