@@ -103,8 +103,8 @@ def test_sweep_runs_records_failures_and_resumes(tmp_path: Path) -> None:
 def test_sweep_cli_errors() -> None:
     result = runner.invoke(app, ["sweep"])
     assert result.exit_code == 2 and "--preset" in result.output
-    result = runner.invoke(app, ["sweep", "--preset", "paper", "--set", "lam=1"])
-    assert result.exit_code == 2 and "not both" in result.output
+    result = runner.invoke(app, ["sweep", "--set", "lam=1", "--grid", "/no/such/grid.json"])
+    assert result.exit_code == 2 and "--grid /no/such/grid.json" in result.output
     result = runner.invoke(app, ["sweep", "--preset", "nope"])
     assert result.exit_code == 2
 
@@ -118,7 +118,9 @@ def fake_sweep(root: Path, env: str = "CartPole-v1") -> None:
         ("l2", 1.25, "target", 20.0),
     ]:
         for seed in (0, 1):
-            cfg = DQNConfig(env_id=env, reg=reg, delta=delta, reg_every=every, seed=seed)
+            cfg = DQNConfig(
+                env_id=env, reg=reg, delta=delta, reg_every=every, seed=seed, total_steps=3000, learning_starts=500
+            )
             run = root / cfg.run_name
             run.mkdir(parents=True)
             (run / "config.json").write_text(json.dumps({"config": cfg.to_dict(), "versions": {}}))
