@@ -89,6 +89,7 @@ def _steps_axis(ax: Any) -> None:
 
 def _legend_beside(fig: Any, ax: Any) -> None:
     """One legend for the figure, to the right of the panels (it never covers data)."""
+    fig.tight_layout()
     handles, labels = ax.get_legend_handles_labels()
     if handles:
         fig.legend(
@@ -246,7 +247,6 @@ def _plasticity_figure(plt: Any, runs: list[Run], env: str, out: Path, palette: 
             _steps_axis(ax)
             ax.grid(alpha=0.3)
     fig.suptitle(f"{env}: plasticity metrics on the fixed probe batch (mean over seeds)")
-    fig.tight_layout()
     _legend_beside(fig, _AllLines(axes))
     paths = _save(fig, out, f"plasticity_{env}")
     plt.close(fig)
@@ -269,7 +269,7 @@ def _pair_figure(
     configs = {r.group: r.config for r in runs}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for group, (left, right) in sorted(pairs.items()):
-        kw = {"color": palette(group), "linestyle": style(configs[group])}
+        kw = {"color": palette(group), "linestyle": style(configs[group]), "marker": ".", "markersize": 4}
         axes[0].plot(*left, label=names[group], **kw)
         if right is not None:
             axes[1].plot(*right, **kw)
