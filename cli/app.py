@@ -9,10 +9,13 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
 
-from cli.config_options import config_from_options, config_parameters
-from cli.errors import DEBUG, fail, user_errors
+from cli.config_options import config_from_options, config_parameters, config_warnings
+from cli.errors import DEBUG, INTERRUPTED, fail, user_errors, warn
 
 app = typer.Typer(
     name="probe",
@@ -25,19 +28,43 @@ app = typer.Typer(
 console = Console()
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"probe (plasticity-probe) {version('plasticity-probe')}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False,
+    show_version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
 ) -> None:
     DEBUG["on"] = debug
+
+
+def say(text: str) -> None:
+    """Print a line that contains user data (paths, names) verbatim: never read as markup."""
+    console.print(text, markup=False, highlight=False, soft_wrap=True)  # paths stay copyable
+
+
+class StepsColumn(ProgressColumn):
+    """``done/total`` with thousands separators; ``?`` while the total is unknown."""
+
+    def render(self, task: Task) -> Text:
+        total = f"{task.total:,.0f}" if task.total is not None else "?"
+        return Text(f"{task.completed:,.0f}/{total}")
 
 
 def _progress(quiet: bool) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
-        TextColumn("{task.completed:,.0f}/{task.total:,.0f}"),
-        TextColumn("{task.fields[info]}"),
+        StepsColumn(),
+        TextColumn("{task.fields[info]}", markup=False),
         TimeRemainingColumn(),
         console=console,
         disable=quiet,
@@ -77,6 +104,8 @@ def train(
     else:
         cfg = config_from_options(config)
         run_dir = out / cfg.run_name
+        for text in config_warnings(cfg):
+            warn(text)
     with _progress(quiet) as progress:
         task = progress.add_task("train", total=cfg.total_steps if cfg else None, info="")
 
@@ -87,13 +116,15 @@ def train(
             progress.update(task, completed=step, total=total, info=text)
 
         result = run_training(cfg, run_dir, resume=resume is not None, progress=on_progress)
+    for text in result.warnings:
+        warn(text)
     last = f", last eval return {result.last_eval:.1f}" if result.last_eval is not None else ""
-    console.print(f"{result.state} at step {result.step:,}{last}; results in {result.run_dir}")
+    say(f"{result.state} at step {result.step:,}{last}; results in {result.run_dir}")
     if result.state == "diverged":
         raise fail(result.message)
     if result.state == "interrupted":
-        console.print(f"resume with: probe train --resume {result.run_dir}")
-        raise typer.Exit(130)
+        say(f"resume with: probe train --resume {result.run_dir}")
+        raise typer.Exit(INTERRUPTED)
 
 
 _base = [
@@ -107,6 +138,7 @@ app.command(no_args_is_help=False)(user_errors(train))
 
 
 class Preset(str, Enum):
+    smoke = "smoke"
     paper = "paper"
     paper_lunarlander = "paper-lunarlander"
     paper_cartpole = "paper-cartpole"
@@ -116,20 +148,40 @@ class Preset(str, Enum):
 @app.command()
 @user_errors
 def sweep(
-    preset: Annotated[Preset | None, typer.Option(help="One of the paper's grids.")] = None,
-    grid: Annotated[Path | None, typer.Option(help="JSON/TOML file of field = [values].")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="A grid axis key=v1,v2 (repeatable).")] = None,
+    preset: Annotated[
+        Preset | None,
+        typer.Option(help="One of the paper's grids; smoke: paper-cartpole in 5,000 steps (a minute)."),
+    ] = None,
+    grid: Annotated[Path | None, typer.Option(help=escape("JSON/TOML file of field = [values]."))] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="A grid axis key=v1,v2 (repeatable); with --preset, overrides its runs."),
+    ] = None,
     seeds: Annotated[int, typer.Option(min=1, help="Seeds per configuration.")] = 2,
-    steps: Annotated[int | None, typer.Option(help="Override total_steps of every run.")] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Steps of every run; the step intervals (learning starts, target updates, evaluation, "
+            "probes, checkpoints) scale with it unless set with --set.",
+        ),
+    ] = None,
     workers: Annotated[int, typer.Option(min=1, help="Parallel worker processes.")] = 2,
     out: Annotated[Path | None, typer.Option(help="Sweep directory (default sweeps/<preset or custom>).")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar (for scripts).")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List the runs and their step settings; run nothing.")
+    ] = False,
 ) -> None:
     """Run a grid of training runs in parallel; rerun to resume (finished runs are skipped).
 
     Examples:
 
+      probe sweep --preset smoke
+
       probe sweep --preset paper-cartpole --workers 2
+
+      probe sweep --preset paper-cartpole --steps 20000 --set lam=0.001,0.01
 
       probe sweep --set env_id=CartPole-v1 --set reg=l2,l2init --set delta=1,1.25 --steps 30000
     """
@@ -139,26 +191,41 @@ def sweep(
     if grid is not None:
         axes.update(sw.load_grid_file(grid))
     axes.update(sw.parse_sets(set_ or []))
-    if preset is not None and axes:
-        raise fail("give either --preset or a custom grid (--grid/--set), not both")
     if preset is None and not axes:
         raise fail("give --preset NAME, --grid FILE or --set key=v1,v2")
-    configs = sw.PRESETS[preset.value](seeds) if preset is not None else sw.expand_grid(axes, seeds)
+    if preset is not None:
+        configs = sw.apply_grid(sw.PRESETS[preset.value](seeds), axes)
+    else:
+        configs = sw.expand_grid(axes, seeds)
     if steps is not None:
-        configs = [type(c).from_dict({**c.to_dict(), "total_steps": steps}) for c in configs]
+        configs = [sw.scale_steps(c, steps, keep=axes) for c in configs]
+    for text in sorted({w for c in configs for w in config_warnings(c)}):
+        warn(text)
     out = out or Path("sweeps") / (preset.value if preset else "custom")
-    console.print(f"{len(configs)} runs → {out}")
+    say(f"{len(configs)} runs → {out}")
+    if dry_run:
+        for c in configs:
+            budget = f"{c.total_steps:,} steps, learning starts {c.learning_starts}, τ {c.target_update_period}"
+            say(f"  {c.run_name}: {budget}")
+        return
+    interrupted = False
     with _progress(quiet) as progress:
         task = progress.add_task("sweep", total=None, info="")
 
         def on_progress(done: int, total: int, runs_done: int, runs_total: int) -> None:
             progress.update(task, completed=done, total=total, info=f"runs {runs_done}/{runs_total}")
 
-        outcomes = sw.run_sweep(configs, out, workers=workers, progress=on_progress)
+        try:
+            outcomes = sw.run_sweep(configs, out, workers=workers, progress=on_progress)
+        except sw.SweepInterrupted as stop:
+            outcomes, interrupted = stop.outcomes, True
     failed = [o for o in outcomes if o.state != "finished"]
     for o in failed:
-        console.print(f"[red]{o.run}[/]: {o.state}: {o.message}", highlight=False)
-    console.print(f"{len(outcomes) - len(failed)}/{len(outcomes)} runs finished; results in {out}")
+        console.print(Text.assemble((o.run, "red"), f": {o.state}: {o.message}"), highlight=False)
+    say(f"{len(outcomes) - len(failed)}/{len(configs)} runs finished; results in {out}")
+    if interrupted:
+        say("rerun the same command to resume")
+        raise typer.Exit(INTERRUPTED)
     if failed:
         raise typer.Exit(1)
 
@@ -181,9 +248,13 @@ def analyze(
         bool, typer.Option("--hessian", help="Add TD-loss curvature (reference-agent checkpoints).")
     ] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    max_memory: Annotated[
+        float, typer.Option(min=0.001, help="GiB a checkpoint may make the analysis allocate (hostile files).")
+    ] = 2.0,
 ) -> None:
     """Plasticity read-out of a checkpoint: agent checkpoints, torch state dicts, SB3 zips,
-    safetensors. Files are loaded with weights_only=True; pickles that could run code are refused.
+    safetensors. Files are loaded with weights_only=True; pickles that could run code are refused,
+    and sizes are checked before anything is allocated.
 
     Examples:
 
@@ -200,7 +271,8 @@ def analyze(
 
     if len(checkpoints) > 2:
         raise fail("give one checkpoint, or two to compare")
-    results = [run_analysis(p, obs=obs, model=model, hessian=hessian) for p in checkpoints]
+    max_bytes = int(max_memory * 1024**3)
+    results = [run_analysis(p, obs=obs, model=model, hessian=hessian, max_bytes=max_bytes) for p in checkpoints]
     if len(results) == 2:
         rows = run_diff(*results)
         if not rows:
@@ -208,14 +280,16 @@ def analyze(
         if json_:
             typer.echo(json.dumps({"a": str(checkpoints[0]), "b": str(checkpoints[1]), "rows": rows}, indent=2))
             return
-        from rich.table import Table
-
-        table = Table(title=f"{checkpoints[0]} → {checkpoints[1]}")
+        table = Table(title=Text(f"{checkpoints[0]} → {checkpoints[1]}"))
         for col in ("network", "l", "layer", "metric", "a", "b", "b − a"):
             table.add_column(col, justify="left" if col in ("network", "layer", "metric") else "right")
         for r in rows:
             table.add_row(
-                r["network"], str(r["index"]), r["layer"], r["metric"], *(f"{r[k]:.4g}" for k in ("a", "b", "delta"))
+                Text(r["network"]),
+                str(r["index"]),
+                Text(r["layer"]),
+                Text(r["metric"]),
+                *(f"{r[k]:.4g}" for k in ("a", "b", "delta")),
             )
         console.print(table)
         return
@@ -224,12 +298,12 @@ def analyze(
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return
     for note in result.notes:
-        console.print(f"[dim]{note}[/]", highlight=False)
+        console.print(Text(note, style="dim"), highlight=False)
     for name, report in result.reports.items():
         orientation = "layer" if console.width >= report.table_width() else "metric"
         console.print(report.table(title=f"{name} — {result.path}", rows=orientation))
         for note in report.notes:
-            console.print(f"  {note}", highlight=False)
+            say(f"  {note}")
 
 
 @app.command(name="diff")
@@ -239,26 +313,43 @@ def diff_cmd(
     b: Annotated[Path, typer.Argument(help="The later checkpoint.")],
     json_: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Compare two checkpoints layer by layer (same as ``probe analyze A B``)."""
-    analyze([a, b], obs=None, model=None, hessian=False, json_=json_)
+    """Compare two checkpoints layer by layer (the same as: probe analyze A B).
+
+    Example:
+
+      probe diff runs/early/checkpoint.pt runs/late/checkpoint.pt
+    """
+    analyze([a, b], obs=None, model=None, hessian=False, json_=json_, max_memory=2.0)
 
 
-def _summary_table(rows: list[dict[str, Any]], window: int) -> Any:
-    from rich.table import Table
-
-    table = Table(title=f"evaluation return, SMA {window}: mean ± half-range over seeds")
+def _summary_table(rows: list[dict[str, Any]], window: int) -> Table:
+    table = Table(
+        title=f"evaluation return, smoothed by a simple moving average over {window} evaluations (SMA {window}): "
+        "mean ± half-range over seeds"
+    )
     for col in ("env", "config", "seeds", "final", "best", "best at step"):
         table.add_column(col, justify="left" if col in ("env", "config") else "right")
     for r in rows:
         table.add_row(
-            r["env"],
-            r["config"],
+            Text(r["env"]),
+            Text(r["config"]),
             str(r["seeds"]),
             f"{r['final_mean']:.1f} ± {r['final_spread']:.1f}",
             f"{r['best_mean']:.1f} ± {r['best_spread']:.1f}",
             f"{r['best_step']:,}",
         )
     return table
+
+
+def _read_runs(dirs: list[Path]) -> list[Any]:
+    """The runs in ``dirs``, each file's malformed records reported in a warning line."""
+    from reference_agent import results
+
+    runs = results.find_runs(dirs)
+    for run in runs:
+        for problem in run.problems:
+            warn(problem)
+    return runs
 
 
 @app.command()
@@ -279,7 +370,7 @@ def summarize(
 
     from reference_agent import results
 
-    rows = results.summarize(results.group_curves(results.find_runs(dirs), smooth))
+    rows = results.summarize(results.group_curves(_read_runs(dirs), smooth))
     if not rows:
         raise fail("the runs have no evaluation results yet")
     if csv_out is not None:
@@ -306,7 +397,7 @@ def plot(
     """
     from reference_agent import plots, results
 
-    runs = results.find_runs(dirs)
+    runs = _read_runs(dirs)
     written = plots.plot_runs(runs, out, smooth)
     rows = results.summarize(results.group_curves(runs, smooth))
     results.write_csv(out / "summary.csv", rows)
@@ -314,7 +405,7 @@ def plot(
     results.write_csv(out / "plasticity.csv", results.plasticity_rows(runs))
     if rows:
         console.print(_summary_table(rows, smooth))
-    console.print(f"{len(written)} figures and 3 CSV files in {out}")
+    say(f"{len(written)} figures and 3 CSV files in {out}")
 
 
 @app.command()
@@ -324,7 +415,9 @@ def claims(
     smooth: Annotated[int, typer.Option(min=1, help="Simple-moving-average window, in evaluations.")] = 3,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Check the paper's claims against finished runs: supported, not supported or inconclusive.
+    """Check the paper's claims against finished runs: supported, not supported, inconclusive or
+    no data. Runs that never took a gradient step are left out (with a warning); verdicts that rest
+    on runs far shorter than the paper's are marked.
 
     Example:
 
@@ -333,12 +426,12 @@ def claims(
     import dataclasses
     import json
 
-    from rich.table import Table
+    from reference_agent.claims import check_claims, usable_runs
 
-    from reference_agent import results
-    from reference_agent.claims import check_claims
-
-    verdicts = check_claims(results.find_runs(dirs), smooth)
+    runs, left_out = usable_runs(_read_runs(dirs))
+    for text in left_out:
+        warn(text)
+    verdicts = check_claims(runs, smooth)
     if not verdicts:
         raise fail("no runs of the paper's environments with evaluations found")
     if json_:
@@ -348,5 +441,6 @@ def claims(
     for col in ("claim", "verdict", "evidence"):
         table.add_column(col)
     for v in verdicts:
-        table.add_row(v.claim, v.verdict, v.evidence)
+        verdict = f"{v.verdict}\n({v.caveat})" if v.caveat else v.verdict
+        table.add_row(Text(v.claim), Text(verdict), Text(v.evidence))
     console.print(table)

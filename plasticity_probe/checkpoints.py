@@ -13,10 +13,17 @@ Formats read:
 
 Every torch load uses ``weights_only=True``. A file that would need arbitrary unpickling is
 refused with the reason; there is no unsafe fallback.
+
+Hostile files are bounded before anything is materialized: the sizes a zip archive declares for
+its members, and every tensor's claimed size, are checked against ``max_bytes`` (default
+``MAX_BYTES``, 2 GiB), and a tensor that claims more elements than its stored data holds (an
+expanded or overlapping-strided tensor) is refused. The reference agent's checkpoint carries a
+SHA-256 ``checksum`` of its content, verified on load.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import json
@@ -24,7 +31,7 @@ import math
 import pickle
 import struct
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,15 +44,23 @@ from plasticity_probe.report import LayerRecord, Report
 
 __all__ = [
     "AGENT_FORMAT",
+    "MAX_BYTES",
     "CheckpointError",
     "LoadedCheckpoint",
+    "content_digest",
     "load_checkpoint",
     "mlp_from_state_dict",
+    "verify_digest",
     "weight_layers",
     "weight_report",
 ]
 
 AGENT_FORMAT = "plasticity-probe/dqn-checkpoint"
+MAX_BYTES = 2 * 1024**3
+"""Default cap on what one checkpoint may make us allocate (declared zip sizes, tensor sizes)."""
+MAX_SVD_DIM = 4096
+"""Largest smaller side of a weight matrix whose ranks ``weight_report`` computes (an SVD of
+4096 × 4096 takes seconds; of 30,000 × 30,000, tens of minutes)."""
 StateDict = dict[str, torch.Tensor]
 
 
@@ -66,8 +81,85 @@ class LoadedCheckpoint:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
+def _digest_parts(obj: Any) -> Iterator[bytes | memoryview]:
+    if isinstance(obj, Mapping):
+        yield b"{"
+        for key in sorted(obj, key=repr):
+            yield repr(key).encode()
+            yield from _digest_parts(obj[key])
+        yield b"}"
+    elif isinstance(obj, list | tuple):
+        yield b"["
+        for item in obj:
+            yield from _digest_parts(item)
+        yield b"]"
+    elif isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        yield f"tensor {t.dtype} {tuple(t.shape)}".encode()
+        yield t.reshape(-1).view(torch.uint8).numpy().data
+    else:
+        yield f"{type(obj).__name__} {obj!r}".encode()
+
+
+def content_digest(obj: Any) -> str:
+    """SHA-256 (hex) of a checkpoint's content: nested dicts, lists, tensors (dtype, shape and
+    bytes) and plain values. Equal before ``torch.save`` and after ``torch.load``."""
+    h = hashlib.sha256()
+    for part in _digest_parts(obj):
+        h.update(part)
+    return h.hexdigest()
+
+
+def verify_digest(data: Mapping[str, Any], what: str) -> None:
+    """Check ``data["checksum"]`` against the digest of everything else in ``data``."""
+    stored = data.get("checksum")
+    actual = content_digest({k: v for k, v in data.items() if k != "checksum"})
+    if stored != actual:
+        raise CheckpointError(
+            f"{what}: checksum mismatch, the file is corrupt (changed after it was written); its content is not used"
+        )
+
+
+def _check_tensors(obj: Any, what: str, max_bytes: int, total: list[int]) -> None:
+    """Refuse tensors claiming more elements than their data holds, and a total past the cap."""
+    if isinstance(obj, Mapping):
+        for v in obj.values():
+            _check_tensors(v, what, max_bytes, total)
+    elif isinstance(obj, list | tuple):
+        for v in obj:
+            _check_tensors(v, what, max_bytes, total)
+    elif isinstance(obj, torch.Tensor):
+        stored = obj.untyped_storage().nbytes()
+        claimed = obj.numel() * obj.element_size()
+        if claimed > stored:
+            raise CheckpointError(
+                f"{what}: a tensor of shape {tuple(obj.shape)} claims {claimed:,} bytes but its data holds "
+                f"{stored:,} (an expanded or strided tensor); refused before materializing it"
+            )
+        total[0] += claimed
+        if total[0] > max_bytes:
+            raise CheckpointError(f"{what}: its tensors need more than the {_size(max_bytes)} limit (max_bytes)")
+
+
+def _size(n: int) -> str:
+    return f"{n / 1024**3:.3g} GiB" if n >= 1024**3 else f"{n / 1024**2:.3g} MiB"
+
+
+def _check_zip(archive: zipfile.ZipFile, what: str, max_bytes: int) -> None:
+    """Declared uncompressed sizes of the members within the cap (zipfile never inflates a
+    member past its declared size)."""
+    declared = sum(info.file_size for info in archive.infolist())
+    if declared > max_bytes:
+        raise CheckpointError(
+            f"{what}: its zip members would inflate to {_size(declared)}, more than the {_size(max_bytes)} limit"
+        )
+
+
 def _torch_load(source: Path | io.BytesIO, what: str) -> Any:
     try:
+        if isinstance(source, Path):  # a file object: torch would pick a loader by the file name
+            with source.open("rb") as f:
+                return torch.load(f, map_location="cpu", weights_only=True)
         return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         reason = str(err).split("\n")[0] if str(err) else "unsafe pickle content"
@@ -76,7 +168,9 @@ def _torch_load(source: Path | io.BytesIO, what: str) -> Any:
             f"refused {what}: it needs arbitrary unpickling, which can run code "
             f"({detail or reason}); only weights_only-loadable files are read"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, struct.error) as err:
+    except MemoryError:
+        raise CheckpointError(f"{what}: not enough memory to load it") from None
+    except Exception as err:  # torch raises many types on damaged files (RuntimeError, IndexError…)
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(f"{what} is truncated or corrupt ({first})") from None
 
@@ -92,6 +186,8 @@ def _is_state_dict(obj: Any) -> bool:
 
 def _from_torch_object(path: Path, data: Any) -> LoadedCheckpoint:
     if isinstance(data, Mapping) and data.get("format") == AGENT_FORMAT:
+        if "checksum" in data:  # version 3 on; older files carry none
+            verify_digest(data, str(path))
         return LoadedCheckpoint(
             path,
             "agent",
@@ -111,12 +207,20 @@ def _from_torch_object(path: Path, data: Any) -> LoadedCheckpoint:
     raise CheckpointError(f"{path} holds no state dict (found {type(data).__name__})")
 
 
-def _load_sb3(path: Path, archive: zipfile.ZipFile) -> LoadedCheckpoint:
-    policy = _torch_load(io.BytesIO(archive.read("policy.pth")), f"{path}:policy.pth")
+def _load_sb3(path: Path, archive: zipfile.ZipFile, max_bytes: int) -> LoadedCheckpoint:
+    policy_info = archive.getinfo("policy.pth")
+    if policy_info.file_size > max_bytes:
+        raise CheckpointError(f"{path}: policy.pth would inflate to {_size(policy_info.file_size)}, past the limit")
+    policy_bytes = io.BytesIO(archive.read("policy.pth"))
+    with zipfile.ZipFile(policy_bytes) as inner:
+        _check_zip(inner, f"{path}:policy.pth", max_bytes)
+    policy_bytes.seek(0)
+    policy = _torch_load(policy_bytes, f"{path}:policy.pth")
+    _check_tensors(policy, f"{path}:policy.pth", max_bytes, [0])
     if not _is_state_dict(policy):
         raise CheckpointError(f"{path}: policy.pth is not a state dict")
     metadata: dict[str, Any] = {}
-    if "data" in archive.namelist():
+    if "data" in archive.namelist() and archive.getinfo("data").file_size <= max_bytes:
         try:
             data = json.loads(archive.read("data"))
             metadata = {k: v for k, v in data.items() if isinstance(v, int | float | str | bool)}
@@ -136,13 +240,15 @@ def _load_sb3(path: Path, archive: zipfile.ZipFile) -> LoadedCheckpoint:
     return LoadedCheckpoint(path, "sb3", nets, metadata=metadata)
 
 
-def _load_safetensors(path: Path) -> LoadedCheckpoint:
+def _load_safetensors(path: Path, max_bytes: int) -> LoadedCheckpoint:
     try:
         from safetensors.torch import load_file
     except ImportError:
         raise CheckpointError(
             f"{path} is a safetensors file; install the extra: pip install 'plasticity-probe[safetensors]'"
         ) from None
+    if path.stat().st_size > max_bytes:  # safetensors tensors are dense slices of the file
+        raise CheckpointError(f"{path}: {_size(path.stat().st_size)} is more than the {_size(max_bytes)} limit")
     try:
         return LoadedCheckpoint(path, "safetensors", {"model": load_file(str(path))})
     except Exception as err:  # safetensors raises its own error types
@@ -156,8 +262,9 @@ def _looks_like_safetensors(head: bytes, size: int) -> bool:
     return 0 < n <= size - 8 and head[8:9] == b"{"
 
 
-def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
-    """Read any supported checkpoint safely; ``CheckpointError`` says why a file is refused."""
+def load_checkpoint(path: str | Path, *, max_bytes: int = MAX_BYTES) -> LoadedCheckpoint:
+    """Read any supported checkpoint safely; ``CheckpointError`` says why a file is refused.
+    ``max_bytes`` caps what the file may make us allocate (see the module docstring)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
@@ -171,18 +278,28 @@ def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
     if head.startswith(b"PK"):
         try:
             with zipfile.ZipFile(path) as archive:
+                _check_zip(archive, str(path), max_bytes)
                 names = archive.namelist()
                 if "policy.pth" in names:
-                    return _load_sb3(path, archive)
-        except zipfile.BadZipFile:
-            raise CheckpointError(f"{path} is a truncated or corrupt zip archive") from None
-        if not any(n.endswith("data.pkl") for n in names):
-            raise CheckpointError(f"{path} is a zip archive but neither a torch checkpoint nor an SB3 model")
-        loaded = _from_torch_object(path, _torch_load(path, str(path)))
+                    return _load_sb3(path, archive, max_bytes)
+                if not any(n.endswith("data.pkl") for n in names):
+                    raise CheckpointError(f"{path} is a zip archive but neither a torch checkpoint nor an SB3 model")
+                bad = archive.testzip()  # every member's CRC-32: a flipped bit in any torch file
+                if bad is not None:
+                    raise CheckpointError(f"{path} is corrupt: member {bad} fails its CRC-32 check")
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as err:
+            raise CheckpointError(f"{path} is a truncated or corrupt zip archive ({err})") from None
+        data = _torch_load(path, str(path))
+        _check_tensors(data, str(path), max_bytes, [0])
+        loaded = _from_torch_object(path, data)
     elif _looks_like_safetensors(head, size):
-        loaded = _load_safetensors(path)
+        loaded = _load_safetensors(path, max_bytes)
     elif head[:1] == b"\x80":  # a legacy (non-zip) torch/pickle file
-        loaded = _from_torch_object(path, _torch_load(path, str(path)))
+        if size > max_bytes:
+            raise CheckpointError(f"{path}: {_size(size)} is more than the {_size(max_bytes)} limit")
+        data = _torch_load(path, str(path))
+        _check_tensors(data, str(path), max_bytes, [0])
+        loaded = _from_torch_object(path, data)
     else:
         raise CheckpointError(f"{path} is not a checkpoint (not torch, Stable-Baselines3 or safetensors)")
     for net, sd in loaded.networks.items():
@@ -208,8 +325,10 @@ def weight_layers(state_dict: StateDict) -> dict[str, StateDict]:
 def weight_report(state_dict: StateDict, init: StateDict | None = None) -> Report:
     """Weight-only metrics per layer (file order, since no forward pass is available):
     weight magnitude, mean |w|, stable and effective rank of the weight matrix, and the
-    distance ``‖θ − θ_0‖₂`` when ``init`` is given."""
+    distance ``‖θ − θ_0‖₂`` when ``init`` is given. Ranks are skipped (with a note) for matrices
+    whose smaller side exceeds ``MAX_SVD_DIM``: their SVD would take minutes."""
     records = []
+    notes: list[str] = []
     all_params: list[torch.Tensor] = []
     for index, (name, tensors) in enumerate(weight_layers(state_dict).items(), start=1):
         params = [t for k, t in tensors.items() if k in ("weight", "bias") or not k.startswith("running")]
@@ -219,8 +338,11 @@ def weight_report(state_dict: StateDict, init: StateDict | None = None) -> Repor
         w = tensors.get("weight")
         if w is not None and w.ndim >= 2:
             matrix = w.reshape(w.shape[0], -1)
-            values["weight_stable_rank"] = M.stable_rank(matrix)
-            values["weight_effective_rank"] = M.effective_rank(matrix)
+            if min(matrix.shape) <= MAX_SVD_DIM:
+                values["weight_stable_rank"] = M.stable_rank(matrix)
+                values["weight_effective_rank"] = M.effective_rank(matrix)
+            else:
+                notes.append(f"{name}: weight ranks skipped, {tuple(matrix.shape)} is past the SVD limit {MAX_SVD_DIM}")
         if init is not None:
             prefix = "" if name == "(root)" else name + "."
             pairs = [(t, init.get(prefix + k)) for k, t in tensors.items() if t.is_floating_point()]
@@ -234,7 +356,7 @@ def weight_report(state_dict: StateDict, init: StateDict | None = None) -> Repor
         kind = "linear" if w is not None and w.ndim == 2 else "conv" if w is not None and w.ndim > 2 else "other"
         records.append(LayerRecord(name, index, kind, sum(t.numel() for t in params), None, values))
     network = {"weight_magnitude": M.weight_magnitude(all_params), "mean_abs_weight": M.mean_abs_weight(all_params)}
-    return Report(records, network)
+    return Report(records, network, notes=notes)
 
 
 def mlp_from_state_dict(state_dict: StateDict) -> tuple[nn.Sequential, dict[str, str]] | None:

@@ -11,6 +11,8 @@ Conventions shared by every function here:
   float64 inputs give the same answer to float64 precision.
 * A matrix containing NaN or Inf gives ``nan`` and a :class:`NonFiniteWarning`; nothing raises.
 * An all-zero matrix has effective rank, srank, stable rank and feature rank 0.
+* No samples (a first dimension of 0, e.g. an empty batch) gives ``nan`` from every metric of
+  features or activations, and from ``stable_rank``: there is nothing to measure. Nothing raises.
 """
 
 from __future__ import annotations
@@ -59,7 +61,11 @@ def _as_matrix(x: torch.Tensor) -> torch.Tensor:
         return x.reshape(1, 1)
     if x.ndim == 1:
         return x.reshape(1, -1)
-    return x.reshape(x.shape[0], -1)
+    return x.reshape(x.shape[0], math.prod(x.shape[1:]))
+
+
+def _no_samples(x: torch.Tensor) -> bool:
+    return x.ndim >= 1 and x.shape[0] == 0
 
 
 def as_unit_matrix(x: torch.Tensor) -> torch.Tensor:
@@ -72,7 +78,8 @@ def as_unit_matrix(x: torch.Tensor) -> torch.Tensor:
     if x.ndim == 2:
         return x
     # (N, C, *spatial) -> (N·positions, C)
-    return x.reshape(x.shape[0], x.shape[1], -1).transpose(1, 2).reshape(-1, x.shape[1])
+    positions = math.prod(x.shape[2:])
+    return x.reshape(x.shape[0], x.shape[1], positions).transpose(1, 2).reshape(x.shape[0] * positions, x.shape[1])
 
 
 def singular_values(matrix: torch.Tensor) -> torch.Tensor:
@@ -100,7 +107,7 @@ def effective_rank(features: torch.Tensor) -> float:
     ``0·log 0 = 0``. It lies in ``[1, min(n, d)]`` for a non-zero Φ; 0 for an all-zero Φ.
     Example: σ = (3, 2, 1) gives 2.749459.
     """
-    if not _is_finite(features, "effective_rank"):
+    if _no_samples(features) or not _is_finite(features, "effective_rank"):
         return math.nan
     s = singular_values(features)
     total = float(s.sum())
@@ -122,7 +129,7 @@ def srank(features: torch.Tensor, delta: float = 0.01) -> int | float:
     """
     if not 0.0 <= delta < 1.0:
         raise ValueError(f"srank: delta must be in [0, 1), got {delta}")
-    if not _is_finite(features, "srank"):
+    if _no_samples(features) or not _is_finite(features, "srank"):
         return math.nan
     s = singular_values(features)
     total = float(s.sum())
@@ -137,7 +144,7 @@ def stable_rank(matrix: torch.Tensor) -> float:
 
     Lies in ``[1, rank(M)]`` for non-zero M; 0 for M = 0. Example: σ = (3, 2, 1) gives 14/9.
     """
-    if not _is_finite(matrix, "stable_rank"):
+    if _no_samples(matrix) or not _is_finite(matrix, "stable_rank"):
         return math.nan
     s = singular_values(matrix)
     if s.numel() == 0 or float(s[0]) == 0.0:
@@ -148,7 +155,7 @@ def stable_rank(matrix: torch.Tensor) -> float:
 def feature_rank(features: torch.Tensor, epsilon: float = 0.01) -> int | float:
     """Approximate feature rank of Lyle et al. (2022), "Understanding and preventing capacity loss
     in reinforcement learning", ICLR: ``#{i : σ_i(Φ / √n) > ε}`` for n samples."""
-    if not _is_finite(features, "feature_rank"):
+    if _no_samples(features) or not _is_finite(features, "feature_rank"):
         return math.nan
     m = _as_matrix(features)
     s = singular_values(m) / math.sqrt(m.shape[0])
@@ -162,7 +169,7 @@ def dead_unit_fraction(activations: torch.Tensor) -> float:
     (Teo et al. 2023, §4.1, after Nair & Hinton 2010). For conv features ``(N, C, H, W)`` a channel
     is dead when it is 0 at every sample and every position.
     """
-    if not _is_finite(activations, "dead_unit_fraction"):
+    if _no_samples(activations) or not _is_finite(activations, "dead_unit_fraction"):
         return math.nan
     h = as_unit_matrix(activations)
     if h.shape[1] == 0:
@@ -174,7 +181,7 @@ def zero_fraction(activations: torch.Tensor) -> float:
     """Fraction of activation entries that are exactly 0: ``(1/N) Σ_i #{j : h_ij = 0} / d``, the
     mean share of silent units per sample (activation sparsity). The authors' code plotted this
     quantity (times d) as "dead neurons"; :func:`dead_unit_fraction` is the paper's definition."""
-    if not _is_finite(activations, "zero_fraction"):
+    if _no_samples(activations) or not _is_finite(activations, "zero_fraction"):
         return math.nan
     h = as_unit_matrix(activations)
     if h.numel() == 0:
@@ -193,7 +200,7 @@ def dormant_fraction(activations: torch.Tensor, tau: float = 0.025) -> float:
     """
     if tau < 0:
         raise ValueError(f"dormant_fraction: tau must be >= 0, got {tau}")
-    if not _is_finite(activations, "dormant_fraction"):
+    if _no_samples(activations) or not _is_finite(activations, "dormant_fraction"):
         return math.nan
     h = as_unit_matrix(activations).to(torch.float64)
     if h.shape[1] == 0:
@@ -207,7 +214,7 @@ def dormant_fraction(activations: torch.Tensor, tau: float = 0.025) -> float:
 
 def feature_norm(features: torch.Tensor) -> float:
     """Mean L2 norm of a sample's feature vector, ``(1/n) Σ_i ‖φ(x_i)‖₂`` (Lyle et al. 2022)."""
-    if not _is_finite(features, "feature_norm"):
+    if _no_samples(features) or not _is_finite(features, "feature_norm"):
         return math.nan
     m = _as_matrix(features).to(torch.float64)
     return float(torch.linalg.vector_norm(m, dim=1).mean())

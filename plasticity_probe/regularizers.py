@@ -93,8 +93,12 @@ def singular_penalty(features: torch.Tensor) -> torch.Tensor:
     """``σ_max²(Φ) − σ_min²(Φ)`` of a feature matrix Φ (n × d; more dims are flattened),
     Kumar et al. (2020). σ² are the eigenvalues of the smaller Gram matrix (ΦᵀΦ when n ≥ d,
     else ΦΦᵀ), so the cost is one symmetric eigendecomposition of a min(n, d)-square matrix.
-    Differentiable: the eigenvalue gradient ``v vᵀ`` involves no eigenvalue gaps."""
+    Differentiable: the eigenvalue gradient ``v vᵀ`` involves no eigenvalue gaps. Half-precision
+    features (float16, bfloat16) are upcast: the Gram matrix, its eigenvalues and the penalty are
+    float32 (σ² overflows float16, and LAPACK has no half-precision eigensolver)."""
     phi = features.reshape(features.shape[0], -1) if features.ndim > 1 else features.reshape(1, -1)
+    if phi.dtype in (torch.float16, torch.bfloat16):
+        phi = phi.float()
     gram = phi.T @ phi if phi.shape[0] >= phi.shape[1] else phi @ phi.T
     eig = gram_eigenvalues(gram)
     return eig[-1] - eig[0].clamp_min(0.0) if eig.numel() > 1 else eig[-1] - eig[-1]
@@ -108,7 +112,10 @@ def gram_eigenvalues(gram: torch.Tensor) -> torch.Tensor:
     dead right after learning starts). Those rows contribute exact zero eigenvalues, so then they
     are set aside and the rest is decomposed in float64; should that fail too, the singular values
     of the Gram matrix (equal to its eigenvalues, as it is PSD) are used. A non-finite Gram matrix
-    (a diverged network) gives NaN eigenvalues, which the caller's loss check reports."""
+    (a diverged network) gives NaN eigenvalues, which the caller's loss check reports. A
+    half-precision Gram matrix is decomposed in float32; the eigenvalues come back in its dtype."""
+    if gram.dtype in (torch.float16, torch.bfloat16):
+        return gram_eigenvalues(gram.float()).to(gram.dtype)
     if not bool(torch.isfinite(gram).all()):
         return torch.full(gram.shape[:1], float("nan"), dtype=gram.dtype, device=gram.device)
     try:
@@ -196,8 +203,8 @@ class SuccessiveRegularizer:
             raise ValueError("the authors' code has no l1 penalty; use variant='paper'")
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
-        if lam < 0 or delta <= 0:
-            raise ValueError(f"need lam >= 0 and delta > 0, got lam={lam}, delta={delta}")
+        if not (0 <= lam < float("inf") and 0 < delta < float("inf")):  # NaN fails every comparison
+            raise ValueError(f"need finite lam >= 0 and delta > 0, got lam={lam}, delta={delta}")
         eager = _uncompiled(model)
         if eager is not model and (self.penalty is Penalty.singular or example_input is None):
             raise ValueError(

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from rich.table import Table
+from rich.text import Text
 
 from plasticity_probe.layers import SkippedModule
 
@@ -133,24 +134,27 @@ class Report:
             raise ValueError(f"rows must be 'layer' or 'metric', got {rows!r}")
         metrics = self.metric_names()
         network_only = [m for m in self.network if m not in metrics]
-        table = Table(title=title, show_lines=False)
+        table = Table(title=Text(title) if title is not None else None, show_lines=False)  # names verbatim
         if rows == "metric":
             table.add_column("metric")
             for r in self.layers:
-                table.add_column(f"{r.index}: {r.name}", justify="right")
+                table.add_column(Text(f"{r.index}: {r.name}"), justify="right")
             table.add_column(NETWORK, justify="right")
             for m in (*metrics, *network_only):
-                table.add_row(m, *(_fmt(r.metrics.get(m)) for r in self.layers), _fmt(self.network.get(m)))
+                table.add_row(Text(m), *(_fmt(r.metrics.get(m)) for r in self.layers), _fmt(self.network.get(m)))
             return table
         for col in ("l", "layer", "kind", "params", *metrics):
             header = col.replace("_", "\n")  # narrow columns: one word per line
-            table.add_column(header, justify="left" if col in ("layer", "kind") else "right")
+            table.add_column(Text(header), justify="left" if col in ("layer", "kind") else "right")
         for r in self.layers:
-            table.add_row(str(r.index), r.name, r.kind, str(r.n_params), *(_fmt(r.metrics.get(m)) for m in metrics))
+            table.add_row(
+                str(r.index), Text(r.name), Text(r.kind), str(r.n_params), *(_fmt(r.metrics.get(m)) for m in metrics)
+            )
         if self.network:
             total = str(sum(r.n_params for r in self.layers))
             table.add_row("", NETWORK, "", total, *(_fmt(self.network.get(m)) for m in metrics))
-            table.caption = "  ".join(f"{m} = {_fmt(self.network[m])}" for m in network_only) or None
+            caption = "  ".join(f"{m} = {_fmt(self.network[m])}" for m in network_only)
+            table.caption = Text(caption) if caption else None
         return table
 
     def table_width(self) -> int:

@@ -23,6 +23,7 @@ from torch import nn
 
 import plasticity_probe as pp
 from plasticity_probe.checkpoints import (
+    MAX_BYTES,
     CheckpointError,
     LoadedCheckpoint,
     load_checkpoint,
@@ -32,7 +33,7 @@ from plasticity_probe.checkpoints import (
 from plasticity_probe.probe import DEFAULT_METRICS
 from reference_agent.config import DQNConfig
 from reference_agent.dqn import td_loss
-from reference_agent.network import QNetwork
+from reference_agent.network import QNetwork, check_architecture
 from reference_agent.replay import Batch
 
 
@@ -66,10 +67,15 @@ def load_observations(path: Path) -> torch.Tensor:
             raise CheckpointError(f"--obs: {path} is not a plain .npy array ({err})") from None
         obs = torch.from_numpy(np.asarray(array, dtype=np.float32))
     elif path.suffix == ".pt":
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        with path.open("rb") as f:
+            data = torch.load(f, map_location="cpu", weights_only=True)
         found = data.get("obs") if isinstance(data, dict) else data
         if not isinstance(found, torch.Tensor):
             raise CheckpointError(f"--obs: {path} holds no tensor (or dict with 'obs')")
+        if found.numel() * found.element_size() > found.untyped_storage().nbytes():
+            raise CheckpointError(
+                f"--obs: {path} holds an expanded or strided tensor; give the observations themselves"
+            )
         obs = found.float()
     else:
         raise CheckpointError(f"--obs: {path} must be a .npy or .pt file")
@@ -111,10 +117,11 @@ def _agent_reports(
     ckpt: LoadedCheckpoint, obs: torch.Tensor | None, hessian: bool
 ) -> tuple[dict[str, pp.Report], list[str]]:
     assert ckpt.config is not None
-    cfg = DQNConfig.from_dict(ckpt.config)
-    online_sd = ckpt.networks["online"]
-    obs_dim = online_sd["net.0.weight"].shape[1]
-    n_actions = online_sd[f"net.{2 * len(cfg.hidden_sizes)}.weight"].shape[0]
+    try:
+        cfg = DQNConfig.from_dict(ckpt.config)
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{ckpt.path}: its config is invalid ({err})") from None
+    obs_dim, n_actions = check_architecture(ckpt.networks, cfg.hidden_sizes, str(ckpt.path))
     nets = {}
     for name, sd in ckpt.networks.items():
         net = QNetwork(obs_dim, n_actions, cfg.hidden_sizes)
@@ -166,9 +173,11 @@ def analyze(
     obs: str | Path | None = None,
     model: str | None = None,
     hessian: bool = False,
+    max_bytes: int = MAX_BYTES,
 ) -> Analysis:
-    """Plasticity reports of every network in the checkpoint at ``path``."""
-    ckpt = load_checkpoint(path)
+    """Plasticity reports of every network in the checkpoint at ``path``; ``max_bytes`` caps
+    what the file may make us allocate (``load_checkpoint``)."""
+    ckpt = load_checkpoint(path, max_bytes=max_bytes)
     observations = load_observations(Path(obs)) if obs is not None else None
     if ckpt.kind == "agent":
         reports, notes = _agent_reports(ckpt, observations, hessian)

@@ -5,7 +5,12 @@ evaluation return, mean over seeds (the paper selects on maximum evaluation retu
 holds for a pair when A's mean is higher; the difference is *clear* when it exceeds the sum of
 both half-ranges over seeds. A claim is **supported** when A wins every pair and at least half of
 the wins are clear, **not supported** when A loses at least half of the pairs, otherwise
-**inconclusive**.
+**inconclusive**; **no data** when the runs hold no pair (or configuration) that the claim compares.
+
+Runs that never took a gradient step (they stopped at or before ``learning_starts``) are left
+out (``usable_runs``). A verdict that rests on runs with fewer than ``SHORT_UPDATES`` gradient
+steps (a quarter of the paper's 80,000) carries a ``caveat``: such runs can exercise the code,
+not test the claim.
 """
 
 from __future__ import annotations
@@ -27,11 +32,49 @@ from reference_agent.results import GroupCurve, Run, group_curves
 SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, NO_DATA = "supported", "not supported", "inconclusive", "no data"
 
 
+PAPER_STEPS = 100_000
+SHORT_UPDATES = 20_000
+"""Gradient steps below which a verdict is marked: a quarter of the paper's 100,000 − 20,000."""
+
+
 @dataclass
 class Claim:
     claim: str
     verdict: str
     evidence: str
+    caveat: str = ""
+    """Non-empty when the verdict rests on runs too short to test the claim."""
+
+
+def gradient_steps(run: Run) -> int:
+    """Gradient steps a run took: one per environment step from ``learning_starts`` on."""
+    return max(0, run.step - max(run.config.learning_starts, 1) + 1)
+
+
+def usable_runs(runs: list[Run]) -> tuple[list[Run], list[str]]:
+    """The runs that took at least one gradient step, and a line for each run left out."""
+    kept, left_out = [], []
+    for r in runs:
+        if gradient_steps(r) > 0:
+            kept.append(r)
+        else:
+            left_out.append(
+                f"{r.path}: left out, it never took a gradient step (stopped at step {r.step:,}, learning "
+                f"starts at {r.config.learning_starts:,})"
+            )
+    return kept, left_out
+
+
+def caveat(runs: list[Run]) -> str:
+    """The mark of a verdict resting on ``runs``: empty unless one of them is short."""
+    short = [r for r in runs if gradient_steps(r) < SHORT_UPDATES]
+    if not short:
+        return ""
+    fewest = min(gradient_steps(r) for r in short)
+    return (
+        f"too short to test: {len(short)}/{len(runs)} runs with as few as {fewest:,} gradient steps "
+        f"(the paper: {PAPER_STEPS - 20_000:,})"
+    )
 
 
 @dataclass
@@ -132,7 +175,8 @@ def _direction_verdict(changes: list[float]) -> str:
 def check_claims(runs: list[Run], window: int = 3, penultimate: str = "net.2") -> list[Claim]:
     """Verdicts for the paper's claims from the runs found (any subset of the paper's sweeps)."""
     claims: list[Claim] = []
-    ll = [c for c in group_curves([r for r in runs if r.config.env_id.startswith("LunarLander")], window)]
+    ll_runs = [r for r in runs if r.config.env_id.startswith("LunarLander")]
+    ll = [c for c in group_curves(ll_runs, window)]
     regs = [c for c in ll if c.config.reg is not Reg.none and not c.config.reg_layers]
 
     verdict, evidence = _compare(regs, "delta", 1.25, 0.75, lambda c: f"{c.reg.value}, every {c.reg_every.value}")
@@ -207,8 +251,11 @@ def check_claims(runs: list[Run], window: int = 3, penultimate: str = "net.2") -
             )
         )
 
+    for claim in claims:
+        claim.caveat = caveat(ll_runs if claim.claim.startswith("LunarLander") else runs)
     for env, wanted in (("CartPole-v1", True), ("MountainCar-v0", False)):
-        curves = group_curves([r for r in runs if r.config.env_id == env], window)
+        env_runs = [r for r in runs if r.config.env_id == env]
+        curves = group_curves(env_runs, window)
         base = next((c for c in curves if c.config.reg is Reg.none), None)
         methods = [c for c in curves if c.config.reg is not Reg.none and not c.config.reg_layers]
         if base is None or not methods:
@@ -221,6 +268,11 @@ def check_claims(runs: list[Run], window: int = 3, penultimate: str = "net.2") -
         )
         verdict = _pairs_verdict(wins, clear) if wanted else _pairs_verdict([not w for w in wins], clear)
         claims.append(
-            Claim(f"{env}: the method {'beats' if wanted else 'does worse than'} the baseline", verdict, text)
+            Claim(
+                f"{env}: the method {'beats' if wanted else 'does worse than'} the baseline",
+                verdict,
+                text,
+                caveat(env_runs),
+            )
         )
     return claims

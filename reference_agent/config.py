@@ -4,6 +4,8 @@ values of the authors' CS285-based code (see DESIGN.md, "What the paper leaves o
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -26,6 +28,25 @@ class RegEvery(str, Enum):
 
     update = "update"
     target = "target"
+
+
+class ConfigError(ValueError):
+    """Invalid settings: ``problems`` are ``(field, message)`` pairs; the message names the fields,
+    or, through ``message(name)``, the user's names for them (``--steps`` for ``total_steps``).
+    A message may refer to another field as ``{field}``."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        super().__init__(self.message())
+
+    def message(self, name: Callable[[str], str] = str) -> str:
+        return "invalid config: " + "; ".join(describe(f, m, name) for f, m in self.problems)
+
+
+def describe(field_name: str, message: str, name: Callable[[str], str] = str) -> str:
+    """``"<name(field)> <message>"``, with ``{other_field}`` in the message replaced by its name."""
+    fields = {f.name: name(f.name) for f in dataclasses.fields(DQNConfig)}
+    return f"{name(field_name)} {message.format(**fields)}"
 
 
 @dataclass
@@ -97,7 +118,7 @@ class DQNConfig:
         self.reg_variant = Variant(self.reg_variant)
         self.hidden_sizes = tuple(int(h) for h in self.hidden_sizes)
         self.reg_layers = tuple(str(name) for name in self.reg_layers)
-        problems = []
+        problems: list[tuple[str, str]] = []
         for name in (
             "total_steps",
             "batch_size",
@@ -109,20 +130,35 @@ class DQNConfig:
             "eval_every",
         ):
             if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1")
+                problems.append((name, "must be >= 1"))
         for name in ("learning_starts", "buffer_size", "probe_every", "hessian_every", "probe_batch_size"):
             if getattr(self, name) < 0:
-                problems.append(f"{name} must be >= 0")
-        if not 0 <= self.eps_fraction <= 1 or not 0 <= self.eps_end <= 1 or not 0 <= self.eps_start <= 1:
-            problems.append("eps_start, eps_end and eps_fraction must lie in [0, 1]")
-        if not 0 <= self.gamma <= 1:
-            problems.append("gamma must lie in [0, 1]")
-        if self.learning_rate <= 0 or self.lam < 0 or self.delta <= 0:
-            problems.append("need learning_rate > 0, lam >= 0, delta > 0")
+                problems.append((name, "must be >= 0"))
+        for name in ("eps_start", "eps_end", "eps_fraction", "gamma"):
+            if not 0 <= getattr(self, name) <= 1:  # NaN fails every comparison
+                problems.append((name, "must lie in [0, 1]"))
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            problems.append(("learning_rate", "must be a finite number > 0"))
+        if not (math.isfinite(self.lam) and self.lam >= 0):
+            problems.append(("lam", "must be a finite number >= 0"))
+        if not (math.isfinite(self.delta) and self.delta > 0):
+            problems.append(("delta", "must be a finite number > 0"))
         if not self.hidden_sizes or min(self.hidden_sizes) < 1:
-            problems.append("hidden_sizes must be positive widths")
+            problems.append(("hidden_sizes", "must be positive widths"))
         if problems:
-            raise ValueError("invalid config: " + "; ".join(problems))
+            raise ConfigError(problems)
+
+    def warnings(self) -> list[tuple[str, str]]:
+        """Settings that are valid but probably not meant: ``(field, message)`` pairs."""
+        if self.learning_starts >= self.total_steps:
+            return [
+                (
+                    "learning_starts",
+                    f"{self.learning_starts:,} >= {{total_steps}} {self.total_steps:,}: the run never takes a "
+                    "gradient step (no learning, no plasticity reports)",
+                )
+            ]
+        return []
 
     @property
     def capacity(self) -> int:
@@ -158,7 +194,7 @@ class DQNConfig:
             raise ValueError("reg_squared=False was replaced by reg_variant='authors' (which is not the same penalty)")
         unknown.discard("reg_squared")
         if unknown:
-            raise ValueError(f"unknown config field(s): {sorted(unknown)}")
+            raise ValueError(f"unknown config field(s): {', '.join(sorted(unknown))}")
         return cls(**{k: v for k, v in data.items() if k in names})
 
 

@@ -11,13 +11,14 @@ truncation is not terminal; hard target update every τ steps; no gradient clipp
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,8 @@ class RunResult:
     step: int
     message: str
     last_eval: float | None
+    warnings: list[str] = field(default_factory=list)
+    """What the user should know (malformed records dropped on resume, stale files removed)."""
 
 
 def td_loss(
@@ -124,8 +127,19 @@ def train(
     ``resume=True`` continues from ``run_dir/checkpoint.pt`` with the config saved there (``cfg``
     may then be None); the result equals an uninterrupted run with the same seed. Without a
     checkpoint it starts afresh. ``resume=False`` refuses a directory that already holds a run.
+    The run directory is locked while the run writes it (``rundir.LockedError`` for a second
+    writer), and temporary files a killed writer left are removed.
     """
     run_dir = Path(run_dir)
+    with rundir.lock(run_dir):
+        return _train_locked(cfg, run_dir, resume, progress)
+
+
+def _train_locked(cfg: DQNConfig | None, run_dir: Path, resume: bool, progress: ProgressFn | None) -> RunResult:
+
+    warnings = [
+        f"removed {p.name}, left by a process killed while writing" for p in rundir.remove_stale_temporaries(run_dir)
+    ]
     ckpt_path = run_dir / rundir.CHECKPOINT
     ckpt: dict[str, Any] | None = None
     if resume and ckpt_path.exists():
@@ -194,7 +208,9 @@ def train(
         for a in ep_actions:
             obs, *_ = env.step(a)
         for name in (rundir.METRICS, rundir.PLASTICITY):
-            rundir.truncate_jsonl(run_dir / name, step)
+            problem = rundir.truncate_jsonl(run_dir / name, step).problem()
+            if problem:
+                warnings.append(problem + "; dropped on resume")
     else:
         for name in (rundir.METRICS, rundir.PLASTICITY):
             (run_dir / name).unlink(missing_ok=True)
@@ -249,6 +265,11 @@ def train(
         assert probe_batch is not None
         pb = probe_batch
         with_hessian = cfg.hessian_every > 0 and t % cfg.hessian_every == 0
+        if with_hessian:  # the spectrum of a non-finite loss is meaningless: report the divergence
+            with torch.no_grad():
+                probe_loss = float(td_loss(q, target, pb, cfg.gamma)[0])
+            if not math.isfinite(probe_loss) or not all(bool(torch.isfinite(p).all()) for p in q.parameters()):
+                raise DivergenceError(f"TD loss became {probe_loss} by step {t} (before the Hessian)")
         report = pp.Probe(q, probe_batch=pb.obs, init_state=init_state).measure(
             loss_fn=lambda: td_loss(q, target, pb, cfg.gamma)[0],
             gradients=True,
@@ -355,16 +376,17 @@ def train(
                     if last_eval is not None:
                         info["last_eval"] = last_eval
                     progress(t, cfg.total_steps, info)
-                if stop["signal"] is not None:
+                if stop["signal"] is not None and t < cfg.total_steps:  # at the end: finished, checkpointed
                     checkpoint()
                     name = signal.Signals(stop["signal"]).name
                     status("interrupted", f"stopped by {name} at step {t}; resume to continue")
-                    return RunResult(run_dir, "interrupted", t, f"stopped by {name}", last_eval)
+                    return RunResult(run_dir, "interrupted", t, f"stopped by {name}", last_eval, warnings)
     except DivergenceError as err:
         status("diverged", f"{err}; results up to the last checkpoint are kept")
-        return RunResult(run_dir, "diverged", step, str(err), last_eval)
+        return RunResult(run_dir, "diverged", step, str(err), last_eval, warnings)
     except BaseException as err:
-        status("failed", f"{type(err).__name__}: {err}")
+        with contextlib.suppress(OSError):  # a full disk must not hide the original error
+            status("failed", f"{type(err).__name__}: {err}")
         raise
     finally:
         metrics.close()
@@ -374,4 +396,4 @@ def train(
         if reg is not None:
             reg.close()
     status("finished")
-    return RunResult(run_dir, "finished", step, "finished", last_eval)
+    return RunResult(run_dir, "finished", step, "finished", last_eval, warnings)

@@ -9,6 +9,12 @@ Per environment:
   fraction over training;
 * ``qvalues_<env>``: mean Q-values and TD targets over training;
 * ``hessian_<env>``: TD-loss λ_max and λ_min over training, when recorded.
+
+Conventions shared by every figure: one colour per configuration across all figures of a call
+(``Palette``); line style by frequency (solid: every update, dashed: target updates only,
+dotted: no regularization), said in each legend; step axes with thousands separators; every
+axis labelled; legends beside the panels, never over the data; min–max bands drawn light with
+an outline, so that coinciding bands stay readable.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from reference_agent.results import GroupCurve, Run, group_curves, plasticity_se
 
 FORMATS = ("png", "svg")
 MAX_LINES = 8
+BAND_ALPHA = 0.08
+"""Fill opacity of a min–max band: eight coinciding bands stay below 50% opacity."""
 
 
 def _pyplot() -> Any:
@@ -35,6 +43,64 @@ def _pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+class Palette:
+    """One colour per configuration (group), the same in every figure: assigned in a fixed order
+    (penalty, δ, λ, frequency) over all the configurations plotted."""
+
+    def __init__(self, runs: list[Run]) -> None:
+        order = list(Reg)
+        configs = {r.group: r.config for r in runs}
+        ranked = sorted(
+            configs,
+            key=lambda g: (
+                order.index(configs[g].reg),
+                configs[g].delta,
+                configs[g].lam,
+                configs[g].reg_every.value,
+                g,
+            ),
+        )
+        cycle = [f"C{i}" for i in range(10)] + ["#8c564b", "#17becf", "#bcbd22", "#393b79", "#637939", "#843c39"]
+        self.colours = {g: cycle[i % len(cycle)] for i, g in enumerate(ranked)}
+
+    def __call__(self, group: str) -> str:
+        return self.colours[group]
+
+
+def style(cfg: DQNConfig) -> str:
+    """Line style: dotted for the baseline, solid for every update, dashed for target updates."""
+    if cfg.reg is Reg.none:
+        return ":"
+    return "-" if cfg.reg_every.value == "update" else "--"
+
+
+STYLE_NOTE = "solid: every update, dashed: target updates only, dotted: no regularization"
+
+
+def _steps_axis(ax: Any) -> None:
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x:,.0f}"))
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
+    ax.set_xlabel("environment steps")
+
+
+def _legend_beside(fig: Any, ax: Any) -> None:
+    """One legend for the figure, to the right of the panels (it never covers data)."""
+    fig.tight_layout()
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(
+            handles,
+            labels,
+            loc="center left",
+            bbox_to_anchor=(1.0, 0.5),
+            fontsize=7,
+            title=STYLE_NOTE,
+            title_fontsize=7,
+        )
 
 
 def label(cfg: DQNConfig) -> str:
@@ -70,18 +136,22 @@ def _save(fig: Any, out: Path, name: str) -> list[Path]:
     return paths
 
 
-def _curve(ax: Any, c: GroupCurve, **kw: Any) -> None:
-    line = ax.plot(c.steps, c.mean, label=f"{label(c.config)} (n={c.returns.shape[0]})", **kw)[0]
+def _curve(ax: Any, c: GroupCurve, colour: str) -> None:
+    ax.plot(
+        c.steps, c.mean, label=f"{label(c.config)} (n={c.returns.shape[0]})", color=colour, linestyle=style(c.config)
+    )
     if c.returns.shape[0] > 1:
-        ax.fill_between(c.steps, c.returns.min(axis=0), c.returns.max(axis=0), color=line.get_color(), alpha=0.15)
+        low, high = c.returns.min(axis=0), c.returns.max(axis=0)
+        ax.fill_between(c.steps, low, high, color=colour, alpha=BAND_ALPHA, linewidth=0)
+        for edge in (low, high):
+            ax.plot(c.steps, edge, color=colour, alpha=0.35, linewidth=0.5, linestyle=style(c.config))
 
 
 def _eval_axes(ax: Any, title: str, window: int) -> None:
-    ax.set_title(title)
-    ax.set_xlabel("environment steps")
-    ax.set_ylabel(f"eval return (SMA {window})")
+    ax.set_title(title, fontsize=10)
+    _steps_axis(ax)
+    ax.set_ylabel(f"eval return, SMA {window}\n(moving average of {window} evaluations)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
 
 
 def plot_runs(runs: list[Run], out: Path, window: int = 3) -> list[Path]:
@@ -89,6 +159,7 @@ def plot_runs(runs: list[Run], out: Path, window: int = 3) -> list[Path]:
     plt = _pyplot()
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
+    palette = Palette(runs)
     by_env: dict[str, list[Run]] = defaultdict(list)
     for run in runs:
         by_env[run.config.env_id].append(run)
@@ -99,8 +170,9 @@ def plot_runs(runs: list[Run], out: Path, window: int = 3) -> list[Path]:
         if curves:
             fig, ax = plt.subplots(figsize=(7, 4.5))
             for c in chosen:
-                _curve(ax, c)
+                _curve(ax, c, palette(c.group))
             _eval_axes(ax, f"{env}: evaluation return (mean, band = min–max over seeds)", window)
+            _legend_beside(fig, ax)
             written += _save(fig, out, f"eval_{env}")
             plt.close(fig)
         penalties = [r for r in Reg if r is not Reg.none and sum(c.config.reg is r for c in curves) > 1]
@@ -109,31 +181,45 @@ def plot_runs(runs: list[Run], out: Path, window: int = 3) -> list[Path]:
             baseline = [c for c in curves if c.config.reg is Reg.none]
             for ax, reg in zip(axes, penalties, strict=False):
                 for c in [*baseline, *(c for c in curves if c.config.reg is reg)]:
-                    style = "-" if c.config.reg_every.value == "update" else "--"
-                    _curve(ax, c, linestyle=style if c.config.reg is not Reg.none else ":")
+                    _curve(ax, c, palette(c.group))
                 _eval_axes(ax, f"{reg.value}: δ × frequency", window)
             for c in best_per_penalty(curves):
-                _curve(axes[-1], c)
+                _curve(axes[-1], c, palette(c.group))
             _eval_axes(axes[-1], "best of each penalty", window)
-            fig.suptitle(f"{env}: δ and regularization frequency (solid: every update, dashed: target updates)")
+            fig.suptitle(f"{env}: δ and regularization frequency (mean, band = min–max over seeds)")
+            _legend_beside(fig, _AllLines(axes))
             written += _save(fig, out, f"delta_frequency_{env}")
             plt.close(fig)
         groups = [r for r in env_runs if r.group in names]
-        written += _plasticity_figure(plt, groups, env, out)
-        written += _qvalue_figure(plt, groups, env, out)
-        written += _hessian_figure(plt, groups, env, out)
+        written += _plasticity_figure(plt, groups, env, out, palette)
+        written += _qvalue_figure(plt, groups, env, out, palette)
+        written += _hessian_figure(plt, groups, env, out, palette)
     return written
+
+
+class _AllLines:
+    """The labelled lines of several panels, once each (for one figure legend)."""
+
+    def __init__(self, axes: Any) -> None:
+        self.axes = list(np.ravel(axes))
+
+    def get_legend_handles_labels(self) -> tuple[list[Any], list[str]]:
+        handles, labels = [], []
+        for ax in self.axes:
+            for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+                if lab not in labels:
+                    handles.append(h)
+                    labels.append(lab)
+        return handles, labels
 
 
 def _labels(runs: list[Run]) -> dict[str, str]:
     return {r.group: label(r.config) for r in runs}
 
 
-def _plasticity_figure(plt: Any, runs: list[Run], env: str, out: Path) -> list[Path]:
-    layers = sorted(
-        {row["layer"] for r in runs for row in r.plasticity if row["layer"] != "network"},
-        key=lambda name: next(row["index"] for r in runs for row in r.plasticity if row["layer"] == name),
-    )
+def _plasticity_figure(plt: Any, runs: list[Run], env: str, out: Path, palette: Palette) -> list[Path]:
+    index = {row["layer"]: row["index"] for r in runs for row in r.plasticity if row["layer"] != "network"}
+    layers = sorted(index, key=lambda name: index[name])
     metrics = [
         ("weight_magnitude", "weight magnitude ‖θ‖₂"),
         ("effective_rank", "effective rank"),
@@ -141,19 +227,27 @@ def _plasticity_figure(plt: Any, runs: list[Run], env: str, out: Path) -> list[P
     ]
     if not layers:
         return []
+    output_layer = layers[-1]  # linear, no activation: its units are never dead
     names = _labels(runs)
+    configs = {r.group: r.config for r in runs}
     fig, axes = plt.subplots(len(metrics), len(layers), figsize=(4.2 * len(layers), 3.2 * len(metrics)), squeeze=False)
     for i, (metric, title) in enumerate(metrics):
         for j, layer in enumerate(layers):
             ax = axes[i][j]
+            if metric == "dead_fraction" and layer == output_layer:
+                ax.set_axis_off()
+                ax.text(0.5, 0.5, "output layer: no activation,\nno dead units", ha="center", va="center", fontsize=8)
+                continue
             for group, (steps, values) in sorted(plasticity_series(runs, metric, layer).items()):
-                ax.plot(steps, values, label=names[group])
-            ax.set_title(f"{title}, layer {j + 1} ({layer})", fontsize=9)
-            ax.set_xlabel("environment steps")
+                ax.plot(steps, values, label=names[group], color=palette(group), linestyle=style(configs[group]))
+            ax.set_title(f"layer {j + 1} ({layer})", fontsize=9)
+            ax.set_ylabel(title)
+            if metric == "dead_fraction":
+                ax.set_ylim(bottom=0)
+            _steps_axis(ax)
             ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
     fig.suptitle(f"{env}: plasticity metrics on the fixed probe batch (mean over seeds)")
-    fig.tight_layout()
+    _legend_beside(fig, _AllLines(axes))
     paths = _save(fig, out, f"plasticity_{env}")
     plt.close(fig)
     return paths
@@ -162,32 +256,38 @@ def _plasticity_figure(plt: Any, runs: list[Run], env: str, out: Path) -> list[P
 def _pair_figure(
     plt: Any,
     pairs: dict[str, tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray] | None]],
-    names: dict[str, str],
+    runs: list[Run],
+    palette: Palette,
     titles: tuple[str, str],
     suptitle: str,
     path: tuple[Path, str],
     log_left: bool = False,
 ) -> list[Path]:
-    """Two panels sharing one colour per configuration: ``pairs[group] = (left, right)`` curves."""
+    """Two panels sharing one colour per configuration: ``pairs[group] = (left, right)`` curves;
+    ``titles`` are the panels' y-axis quantities."""
+    names = _labels(runs)
+    configs = {r.group: r.config for r in runs}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for group, (left, right) in sorted(pairs.items()):
-        line = axes[0].plot(*left, label=names[group])[0]
+        kw = {"color": palette(group), "linestyle": style(configs[group]), "marker": ".", "markersize": 4}
+        axes[0].plot(*left, label=names[group], **kw)
         if right is not None:
-            axes[1].plot(*right, color=line.get_color())
+            axes[1].plot(*right, **kw)
     if log_left:
         axes[0].set_yscale("log")
     for ax, title in zip(axes, titles, strict=True):
-        ax.set_title(title)
-        ax.set_xlabel("environment steps")
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel(title)
+        _steps_axis(ax)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
     fig.suptitle(suptitle)
+    _legend_beside(fig, axes[0])
     paths = _save(fig, *path)
     plt.close(fig)
     return paths
 
 
-def _qvalue_figure(plt: Any, runs: list[Run], env: str, out: Path) -> list[Path]:
+def _qvalue_figure(plt: Any, runs: list[Run], env: str, out: Path, palette: Palette) -> list[Path]:
     series: dict[str, dict[int, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
     for r in runs:
         for u in r.updates:
@@ -201,10 +301,10 @@ def _qvalue_figure(plt: Any, runs: list[Run], env: str, out: Path) -> list[Path]
         return []
     titles = ("mean Q(s, a) on training batches", "mean TD target y")
     suptitle = f"{env}: Q-values and target values (mean over seeds)"
-    return _pair_figure(plt, pairs, _labels(runs), titles, suptitle, (out, f"qvalues_{env}"))
+    return _pair_figure(plt, pairs, runs, palette, titles, suptitle, (out, f"qvalues_{env}"))
 
 
-def _hessian_figure(plt: Any, runs: list[Run], env: str, out: Path) -> list[Path]:
+def _hessian_figure(plt: Any, runs: list[Run], env: str, out: Path, palette: Palette) -> list[Path]:
     top = plasticity_series(runs, "hessian_lambda_max", "network")
     bottom = plasticity_series(runs, "hessian_lambda_min", "network")
     if not top:
@@ -212,4 +312,4 @@ def _hessian_figure(plt: Any, runs: list[Run], env: str, out: Path) -> list[Path
     pairs = {group: (top[group], bottom.get(group)) for group in top}
     titles = ("TD-loss Hessian λ_max", "TD-loss Hessian λ_min")
     suptitle = f"{env}: curvature on the fixed probe batch (mean over seeds)"
-    return _pair_figure(plt, pairs, _labels(runs), titles, suptitle, (out, f"hessian_{env}"), log_left=True)
+    return _pair_figure(plt, pairs, runs, palette, titles, suptitle, (out, f"hessian_{env}"), log_left=True)

@@ -25,6 +25,10 @@ class Run:
     evals: list[tuple[int, float]]
     updates: list[dict[str, Any]]
     plasticity: list[dict[str, Any]] = field(repr=False)
+    problems: list[str] = field(default_factory=list)
+    """Malformed records skipped while reading (one line per file)."""
+    step: int = 0
+    """Environment steps taken (``status.json``; else the last record's step)."""
 
     @property
     def group(self) -> str:
@@ -33,17 +37,29 @@ class Run:
 
 
 def load_run(path: Path) -> Run:
+    """Read a run directory; malformed JSONL records are skipped and listed in ``problems``."""
     data = rundir.read_json(path / rundir.CONFIG)
-    config = DQNConfig.from_dict(data["config"])
-    metrics = list(rundir.read_jsonl(path / rundir.METRICS))
+    if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+        raise ValueError(f"{path / rundir.CONFIG} holds no config")
+    try:
+        config = DQNConfig.from_dict(data["config"])
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{path / rundir.CONFIG}: {err}") from None
+    metrics = rundir.read_jsonl(path / rundir.METRICS)
+    plasticity = rundir.read_jsonl(path / rundir.PLASTICITY)
     status = rundir.read_json(path / rundir.STATUS) if (path / rundir.STATUS).exists() else {}
+    status = status if isinstance(status, dict) else {}
+    last = max((r["step"] for r in metrics), default=0)
+    step = status.get("step")
     return Run(
         path=path,
         config=config,
         state=status.get("state"),
-        evals=[(r["step"], r["return_mean"]) for r in metrics if r.get("kind") == "eval"],
-        updates=[r for r in metrics if r.get("kind") == "update"],
-        plasticity=list(rundir.read_jsonl(path / rundir.PLASTICITY)),
+        evals=[(r["step"], r["return_mean"]) for r in metrics if r["kind"] == "eval"],
+        updates=[r for r in metrics if r["kind"] == "update"],
+        plasticity=plasticity.records,
+        problems=[p for p in (metrics.problem(), plasticity.problem()) if p],
+        step=step if isinstance(step, int) and not isinstance(step, bool) else last,
     )
 
 

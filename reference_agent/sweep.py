@@ -8,13 +8,19 @@ a failed run is recorded with its error and does not stop the others.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing import get_context
+from multiprocessing.connection import Connection
+from multiprocessing.connection import wait as connection_wait
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +76,43 @@ def paper_transfer(env_id: str, seeds: int = 2) -> list[DQNConfig]:
     return configs
 
 
+STEP_FIELDS = (
+    "learning_starts",
+    "target_update_period",
+    "eval_every",
+    "probe_every",
+    "hessian_every",
+    "log_every",
+    "checkpoint_every",
+)
+"""Intervals and offsets measured in environment steps: ``scale_steps`` scales them with the run."""
+
+
+def scale_steps(cfg: DQNConfig, total_steps: int, keep: Iterable[str] = ()) -> DQNConfig:
+    """``cfg`` shortened (or lengthened) to ``total_steps``: every field of ``STEP_FIELDS`` not in
+    ``keep`` scaled by the same factor (rounded, at least 1; 0 = never stays 0), so that a quick
+    run keeps the shape of the full one (learning starts at the same fraction, the same number of
+    evaluations, probes and target updates)."""
+    factor = total_steps / cfg.total_steps
+    data = cfg.to_dict()
+    data["total_steps"] = total_steps
+    for name in STEP_FIELDS:
+        if name not in keep and data[name] > 0:
+            data[name] = max(1, round(data[name] * factor))
+    return DQNConfig.from_dict(data)
+
+
+SMOKE_STEPS = 5_000
+
+
+def smoke(seeds: int = 2) -> list[DQNConfig]:
+    """``paper-cartpole`` scaled to 5,000 steps: every code path of the paper's runs in about a
+    minute (not evidence for any claim)."""
+    return [scale_steps(c, SMOKE_STEPS) for c in paper_transfer("CartPole-v1", seeds)]
+
+
 PRESETS: dict[str, Callable[[int], list[DQNConfig]]] = {
+    "smoke": smoke,
     "paper-lunarlander": paper_lunarlander,
     "paper-cartpole": lambda seeds: paper_transfer("CartPole-v1", seeds),
     "paper-mountaincar": lambda seeds: paper_transfer("MountainCar-v0", seeds),
@@ -103,11 +145,27 @@ def parse_sets(sets: Iterable[str]) -> dict[str, list[Any]]:
 
 def load_grid_file(path: Path) -> dict[str, list[Any]]:
     """A JSON or TOML table of ``field = [values…]`` (a scalar means one value)."""
-    text = path.read_text(encoding="utf-8")
-    data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"--grid {path}: not valid {'TOML' if path.suffix == '.toml' else 'JSON'} ({err})") from None
+    except OSError as err:
+        raise OSError(f"--grid {path}: {err.strerror or err}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a grid file holds a table of field = [values]")
     return {k: v if isinstance(v, list) else [v] for k, v in data.items()}
+
+
+def apply_grid(configs: list[DQNConfig], grid: dict[str, list[Any]]) -> list[DQNConfig]:
+    """Every config of ``configs`` (a preset) once per combination of ``grid``'s values, those
+    fields overridden."""
+    keys = list(grid)
+    return [
+        DQNConfig.from_dict({**c.to_dict(), **dict(zip(keys, values, strict=True))})
+        for c in configs
+        for values in itertools.product(*(grid[k] for k in keys))
+    ]
 
 
 def expand_grid(grid: dict[str, list[Any]], seeds: int = 1, base: dict[str, Any] | None = None) -> list[DQNConfig]:
@@ -129,16 +187,34 @@ class RunOutcome:
     message: str
 
 
-def _run_one(config: dict[str, Any], run_dir: str) -> RunOutcome:
-    """Worker: train or resume one run; errors become a ``failed`` outcome."""
+PARENT_POLL_S = 1.0
+"""How often a worker checks that its sweep process is still alive."""
+
+
+def _watch_parent(parent: int) -> None:
+    """Worker thread: when the sweep process dies (its worker is re-parented), stop this worker
+    with SIGTERM (a run in progress checkpoints and ends ``interrupted``)."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _run_one(config: dict[str, Any], run_dir: str, parent: int, results: Connection) -> None:
+    """Worker process: train or resume one run and send its outcome; errors become ``failed``.
+    Ctrl-C in the terminal reaches the whole process group: the worker ignores SIGINT and the
+    sweep process stops it with SIGTERM instead (one orderly stop, no tracebacks)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
     from reference_agent.dqn import train
 
     cfg = DQNConfig.from_dict(config)
     try:
         result = train(cfg, Path(run_dir), resume=True)
-        return RunOutcome(cfg.run_name, result.state, result.message)
+        outcome = RunOutcome(cfg.run_name, result.state, result.message)
     except Exception as err:  # recorded, the sweep goes on
-        return RunOutcome(cfg.run_name, "failed", f"{type(err).__name__}: {err}")
+        outcome = RunOutcome(cfg.run_name, "failed", f"{type(err).__name__}: {err}")
+    with contextlib.suppress(OSError):  # the sweep process is gone; the run directory holds the outcome
+        results.send(outcome)
 
 
 def run_state(run_dir: Path) -> str | None:
@@ -147,19 +223,45 @@ def run_state(run_dir: Path) -> str | None:
         return None
     try:
         return str(rundir.read_json(path).get("state"))
-    except (json.JSONDecodeError, OSError):
+    except (ValueError, OSError, AttributeError):
         return None
 
 
 def run_step(run_dir: Path) -> int:
     try:
         return int(rundir.read_json(run_dir / rundir.STATUS).get("step", 0))
-    except (FileNotFoundError, json.JSONDecodeError, ValueError):
+    except (OSError, ValueError, TypeError, AttributeError):
         return 0
 
 
 SweepProgress = Callable[[int, int, int, int], None]
 """``progress(steps_done, steps_total, runs_done, runs_total)``."""
+
+
+@dataclass
+class _Worker:
+    config: DQNConfig
+    run_dir: Path
+    process: BaseProcess
+    results: Connection
+
+    def outcome(self) -> RunOutcome:
+        """The outcome the worker sent; for a worker that exited without one (killed, out of
+        memory…) ``failed``, also in its ``status.json`` when that still says ``running``."""
+        try:
+            if self.results.poll():
+                sent: RunOutcome = self.results.recv()
+                return sent
+        except (EOFError, OSError):
+            pass
+        self.process.join()
+        code = self.process.exitcode
+        how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+        message = f"worker process lost ({how}); rerun the sweep to resume this run"
+        if (self.run_dir / rundir.CONFIG).exists() and run_state(self.run_dir) in (None, "running"):
+            status = {"state": "failed", "step": run_step(self.run_dir), "total_steps": self.config.total_steps}
+            rundir.write_json(self.run_dir / rundir.STATUS, {**status, "message": message, "steps_per_s": None})
+        return RunOutcome(self.config.run_name, "failed", message)
 
 
 def run_sweep(
@@ -170,15 +272,29 @@ def run_sweep(
     progress: SweepProgress | None = None,
     poll_s: float = 1.0,
 ) -> list[RunOutcome]:
-    """Run ``configs`` in ``workers`` processes (one torch thread each); skip finished runs."""
+    """Run ``configs`` in up to ``workers`` processes at once, one process per run (one torch
+    thread each); skip finished runs.
+
+    A run whose process dies is recorded ``failed`` and the others go on. Ctrl-C (SIGINT) stops
+    the running runs with a checkpoint (``interrupted``) and returns without starting the
+    others; ``outcomes`` then lacks the runs not started. Workers stop when the sweep process
+    dies."""
     names = [c.run_name for c in configs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise ValueError(f"the sweep has duplicate runs: {duplicates}")
+        raise ValueError(f"the sweep has duplicate runs: {', '.join(duplicates)}")
     out_dir.mkdir(parents=True, exist_ok=True)
+    with rundir.lock(out_dir, "sweep directory"):
+        return _run_locked(configs, out_dir, max(1, workers), progress, poll_s)
+
+
+def _run_locked(
+    configs: list[DQNConfig], out_dir: Path, workers: int, progress: SweepProgress | None, poll_s: float
+) -> list[RunOutcome]:
     sweep_file = out_dir / "sweep.json"
+    names = [c.run_name for c in configs]
     outcomes: dict[str, RunOutcome] = {}
-    todo = []
+    todo: list[DQNConfig] = []
     for cfg in configs:
         if run_state(out_dir / cfg.run_name) == "finished":
             outcomes[cfg.run_name] = RunOutcome(cfg.run_name, "finished", "finished (skipped)")
@@ -199,17 +315,57 @@ def run_sweep(
             done = sum(c.total_steps if c.run_name in outcomes else run_step(out_dir / c.run_name) for c in configs)
             progress(done, sum(c.total_steps for c in configs), len(outcomes), len(configs))
 
+    context = get_context("spawn")
+    running: list[_Worker] = []
+
+    def start(cfg: DQNConfig) -> None:
+        receive, send = context.Pipe(duplex=False)
+        run_dir = out_dir / cfg.run_name
+        process = context.Process(
+            target=_run_one, args=(cfg.to_dict(), str(run_dir), os.getpid(), send), name=cfg.run_name
+        )
+        process.start()
+        send.close()
+        running.append(_Worker(cfg, run_dir, process, receive))
+
+    def collect(timeout: float) -> None:
+        ready = set(connection_wait([w.process.sentinel for w in running], timeout=timeout))
+        for w in [w for w in running if w.process.sentinel in ready]:
+            outcome = w.outcome()
+            w.process.join()
+            w.results.close()
+            running.remove(w)
+            outcomes[outcome.run] = outcome
+            record()
+
     record()
     report_progress()
-    with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=get_context("spawn")) as pool:
-        pending = {pool.submit(_run_one, c.to_dict(), str(out_dir / c.run_name)) for c in todo}
-        while pending:
-            finished, pending = wait(pending, timeout=poll_s, return_when=FIRST_COMPLETED)
-            for future in finished:
-                outcome = future.result()
-                outcomes[outcome.run] = outcome
-                record()
+    queue = list(todo)
+    try:
+        while queue or running:
+            while queue and len(running) < workers:
+                start(queue.pop(0))
+            collect(poll_s)
             report_progress()
-            if not finished:
-                time.sleep(0)
+    except KeyboardInterrupt:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not orphan workers
+        try:
+            for w in running:
+                if w.process.is_alive():
+                    os.kill(w.process.pid, signal.SIGTERM)  # type: ignore[arg-type]
+            while running:
+                collect(poll_s)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        report_progress()
+        raise SweepInterrupted([outcomes[n] for n in names if n in outcomes]) from None
     return [outcomes[n] for n in names]
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the sweep; ``outcomes`` holds the runs that ended (running ones
+    ``interrupted``)."""
+
+    def __init__(self, outcomes: list[RunOutcome]) -> None:
+        super().__init__("sweep interrupted")
+        self.outcomes = outcomes

@@ -85,6 +85,7 @@ def test_run_directory_layout_and_records(tmp_path: Path) -> None:
         "metrics.jsonl",
         "plasticity.jsonl",
         "checkpoint.pt",
+        ".lock",  # the lock held while a process writes the run
     }
     config = json.loads((run / "config.json").read_text())
     assert config["config"]["seed"] == 0 and "torch" in config["versions"]

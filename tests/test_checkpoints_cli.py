@@ -224,7 +224,7 @@ def test_cli_train_bad_options(tmp_path: Path) -> None:
     result = runner.invoke(app, ["train", "--env", "NoSuchEnv-v0", "--out", str(tmp_path), "-q"])
     assert result.exit_code == 2 and "cannot make environment" in result.output
     result = runner.invoke(app, ["train", "--batch-size", "0", "--out", str(tmp_path), "-q"])
-    assert result.exit_code == 2 and "batch_size" in result.output
+    assert result.exit_code == 2 and "--batch-size must be >= 1" in result.output
     result = runner.invoke(app, ["train", "--reg", "l3"])
     assert result.exit_code == 2 and "l3" in result.output
     result = runner.invoke(app, ["train", "--resume", str(tmp_path / "none")])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 import numpy as np
 import pytest
@@ -228,3 +229,20 @@ def test_unit_fractions_in_unit_interval(h: np.ndarray, tau: float) -> None:
     assert 0.0 <= dead <= zeros <= 1.0  # a dead unit is zero in every sample
     assert 0.0 <= dormant <= 1.0
     assert dormant >= dead  # a dead unit is dormant for every τ ≥ 0
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        pp.effective_rank,
+        pp.srank,
+        pp.stable_rank,
+        pp.dead_unit_fraction,
+        pp.dormant_fraction,
+        pp.zero_fraction,
+        pp.feature_norm,
+    ],
+)
+@pytest.mark.parametrize("shape", [(0, 5), (0, 3, 4, 4)])
+def test_no_samples_give_nan(fn: Any, shape: tuple[int, ...]) -> None:
+    assert math.isnan(fn(torch.zeros(shape)))

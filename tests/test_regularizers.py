@@ -261,3 +261,16 @@ def test_parameter_penalties_leave_no_hooks_and_no_grad_passes_are_ignored(model
     assert grad_value > 0
     reg.close()
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_singular_penalty_on_half_precision(dtype: torch.dtype) -> None:
+    from plasticity_probe.regularizers import singular_penalty
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 8)
+    half = x.to(dtype).requires_grad_()
+    value = singular_penalty(half)
+    value.backward()
+    assert value.dtype == torch.float32 and half.grad is not None and bool(torch.isfinite(half.grad).all())
+    assert float(value) == pytest.approx(float(singular_penalty(half.detach().float())), rel=1e-5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -103,8 +104,8 @@ def test_sweep_runs_records_failures_and_resumes(tmp_path: Path) -> None:
 def test_sweep_cli_errors() -> None:
     result = runner.invoke(app, ["sweep"])
     assert result.exit_code == 2 and "--preset" in result.output
-    result = runner.invoke(app, ["sweep", "--preset", "paper", "--set", "lam=1"])
-    assert result.exit_code == 2 and "not both" in result.output
+    result = runner.invoke(app, ["sweep", "--set", "lam=1", "--grid", "/no/such/grid.json"])
+    assert result.exit_code == 2 and "--grid /no/such/grid.json" in result.output
     result = runner.invoke(app, ["sweep", "--preset", "nope"])
     assert result.exit_code == 2
 
@@ -118,7 +119,9 @@ def fake_sweep(root: Path, env: str = "CartPole-v1") -> None:
         ("l2", 1.25, "target", 20.0),
     ]:
         for seed in (0, 1):
-            cfg = DQNConfig(env_id=env, reg=reg, delta=delta, reg_every=every, seed=seed)
+            cfg = DQNConfig(
+                env_id=env, reg=reg, delta=delta, reg_every=every, seed=seed, total_steps=3000, learning_starts=500
+            )
             run = root / cfg.run_name
             run.mkdir(parents=True)
             (run / "config.json").write_text(json.dumps({"config": cfg.to_dict(), "versions": {}}))
@@ -204,3 +207,39 @@ def test_claims_verdicts_on_a_fake_sweep(tmp_path: Path) -> None:
     assert verdicts["During training, weight magnitudes grow (whole network, first vs last probe)"] == "supported"
     assert verdicts["CartPole-v1: the method beats the baseline"] == "supported"  # 10, 20, 30 vs 0
     assert verdicts["LunarLander: the singular loss gives the highest evaluation return"] == "no data"
+
+
+def test_figures_share_colours_label_axes_and_format_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("matplotlib", reason="needs the plot extra")
+    from reference_agent import plots
+
+    fake_sweep(tmp_path / "sweep")
+    figures: dict[str, Any] = {}
+    real_save = plots._save
+
+    def keep(fig: Any, out: Path, name: str) -> list[Path]:
+        figures[name.split("_CartPole")[0]] = fig
+        return real_save(fig, out, name)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    plots.plot_runs(results.find_runs([tmp_path / "sweep"]), tmp_path / "figs")
+    colours: dict[str, set[str]] = {}
+    for name, fig in figures.items():
+        for ax in fig.axes:
+            if not ax.axison:
+                continue
+            assert ax.get_xlabel() == "environment steps" and ax.get_ylabel(), (name, ax.get_title())
+            assert ax.xaxis.get_major_formatter()(100_000, 0) == "100,000"
+            assert ax.get_legend() is None  # legends sit beside the panels, not over the data
+            for line in ax.get_lines():
+                if not line.get_label().startswith("_"):
+                    colours.setdefault(line.get_label().removesuffix(" (n=2)"), set()).add(str(line.get_color()))
+        assert fig.legends, name
+    assert colours and all(len(c) == 1 for c in colours.values()), colours  # one colour per configuration
+    assert len({next(iter(c)) for c in colours.values()}) == len(colours)
+    dead_panels = [ax.get_title() for ax in figures["plasticity"].axes if ax.get_ylabel() == "dead-unit fraction"]
+    assert dead_panels == ["layer 1 (net.0)", "layer 2 (net.2)"]  # none for the output layer
+    styles = {
+        line.get_label(): line.get_linestyle() for ax in figures["delta_frequency"].axes for line in ax.get_lines()
+    }
+    assert styles["no regularization (n=2)"] == ":" and styles["l2 λ=0.01 δ=1.25, target updates only (n=2)"] == "--"
