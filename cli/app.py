@@ -247,6 +247,14 @@ def analyze(
     hessian: Annotated[
         bool, typer.Option("--hessian", help="Add TD-loss curvature (reference-agent checkpoints).")
     ] = False,
+    gradients: Annotated[
+        bool,
+        typer.Option(
+            "--gradients",
+            help="Add gradient norms, gradient-to-weight ratios and GraMa dormancy of the TD loss "
+            "(reference-agent checkpoints).",
+        ),
+    ] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
     max_memory: Annotated[
         float, typer.Option(min=0.001, help="GiB a checkpoint may make the analysis allocate (hostile files).")
@@ -258,7 +266,7 @@ def analyze(
 
     Examples:
 
-      probe analyze runs/CartPole-v1__none__s0/checkpoint.pt --hessian
+      probe analyze runs/CartPole-v1__none__s0/checkpoint.pt --hessian --gradients
 
       probe analyze cleanrl_dqn.cleanrl_model --obs observations.npy
 
@@ -272,7 +280,10 @@ def analyze(
     if len(checkpoints) > 2:
         raise fail("give one checkpoint, or two to compare")
     max_bytes = int(max_memory * 1024**3)
-    results = [run_analysis(p, obs=obs, model=model, hessian=hessian, max_bytes=max_bytes) for p in checkpoints]
+    results = [
+        run_analysis(p, obs=obs, model=model, hessian=hessian, gradients=gradients, max_bytes=max_bytes)
+        for p in checkpoints
+    ]
     if len(results) == 2:
         rows = run_diff(*results)
         if not rows:
@@ -319,7 +330,7 @@ def diff_cmd(
 
       probe diff runs/early/checkpoint.pt runs/late/checkpoint.pt
     """
-    analyze([a, b], obs=None, model=None, hessian=False, json_=json_, max_memory=2.0)
+    analyze([a, b], obs=None, model=None, hessian=False, gradients=False, json_=json_, max_memory=2.0)
 
 
 def _summary_table(rows: list[dict[str, Any]], window: int) -> Table:

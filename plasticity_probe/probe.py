@@ -232,8 +232,8 @@ class Probe:
             hessian_kwargs=hessian_kwargs,
         )
         if trainability:
-            forward = None if not isinstance(batch, Args) else (lambda m, b: call_model(m, b))
-            result = fit_random_targets(_uncompiled(self.model), batch, forward=forward, **(trainability_kwargs or {}))
+            kwargs: dict[str, Any] = {"forward": call_model if isinstance(batch, Args) else None}
+            result = fit_random_targets(_uncompiled(self.model), batch, **{**kwargs, **(trainability_kwargs or {})})
             report.network.update(result.as_metrics())
         return report
 

@@ -114,7 +114,7 @@ def _first_linear_inputs(model: nn.Module) -> int | None:
 
 
 def _agent_reports(
-    ckpt: LoadedCheckpoint, obs: torch.Tensor | None, hessian: bool
+    ckpt: LoadedCheckpoint, obs: torch.Tensor | None, hessian: bool, gradients: bool
 ) -> tuple[dict[str, pp.Report], list[str]]:
     assert ckpt.config is not None
     try:
@@ -136,9 +136,10 @@ def _agent_reports(
     elif pb is not None:
         notes.append(f"activation metrics on the stored probe batch ({pb['obs'].shape[0]} transitions)")
     loss_fn: Callable[[], torch.Tensor] | None = None
-    if hessian:
+    if hessian or gradients:
         if pb is None:
-            raise CheckpointError("--hessian needs the checkpoint's probe batch; this one has none")
+            flag = "--hessian" if hessian else "--gradients"
+            raise CheckpointError(f"{flag} needs the checkpoint's probe batch (the TD loss); this one has none")
         batch = Batch(**pb)
 
         def loss_fn() -> torch.Tensor:
@@ -150,20 +151,19 @@ def _agent_reports(
         if batch_obs is None:
             reports[name] = weight_report(dict(net.state_dict()), init)
             continue
-        probe = pp.Probe(net, probe_batch=batch_obs, metrics=[*DEFAULT_METRICS, "weight_stable_rank"])
-        use_hessian = loss_fn is not None and name == "online"
-        report = probe.measure(
-            loss_fn=loss_fn if use_hessian else None, hessian=use_hessian, hessian_kwargs={"trace_samples": 20}
+        metrics = [m for m in (*DEFAULT_METRICS, "weight_stable_rank") if init is not None or m != "distance_from_init"]
+        probe = pp.Probe(net, probe_batch=batch_obs, metrics=metrics, init_state=init)
+        online = loss_fn is not None and name == "online"
+        reports[name] = probe.measure(
+            loss_fn=loss_fn if online else None,
+            gradients=gradients and online,
+            hessian=hessian and online,
+            hessian_kwargs={"trace_samples": 20},
         )
-        if init is not None:
-            weights = weight_report(dict(net.state_dict()), init)
-            for record in report.layers:
-                distance = weights[record.name].metrics.get("distance_from_init")
-                if distance is not None:
-                    record.metrics["distance_from_init"] = distance
-        reports[name] = report
     if hessian:
         notes.append("online: Hessian of the TD loss (target network fixed) on the stored probe batch")
+    if gradients:
+        notes.append("online: gradients of the TD loss (target network fixed) on the stored probe batch")
     return reports, notes
 
 
@@ -173,6 +173,7 @@ def analyze(
     obs: str | Path | None = None,
     model: str | None = None,
     hessian: bool = False,
+    gradients: bool = False,
     max_bytes: int = MAX_BYTES,
 ) -> Analysis:
     """Plasticity reports of every network in the checkpoint at ``path``; ``max_bytes`` caps
@@ -180,10 +181,11 @@ def analyze(
     ckpt = load_checkpoint(path, max_bytes=max_bytes)
     observations = load_observations(Path(obs)) if obs is not None else None
     if ckpt.kind == "agent":
-        reports, notes = _agent_reports(ckpt, observations, hessian)
+        reports, notes = _agent_reports(ckpt, observations, hessian, gradients)
         return Analysis(ckpt.path, ckpt.kind, reports, notes, ckpt.metadata)
-    if hessian:
-        raise CheckpointError("--hessian needs a loss: only reference-agent checkpoints (with a probe batch) have one")
+    if hessian or gradients:
+        flag = "--hessian" if hessian else "--gradients"
+        raise CheckpointError(f"{flag} needs a loss: only reference-agent checkpoints (with a probe batch) have one")
     reports, notes = {}, [f"{ckpt.kind} checkpoint: weights only, layers in file order"]
     for name, sd in ckpt.networks.items():
         net: nn.Module | None = None

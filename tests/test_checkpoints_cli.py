@@ -79,6 +79,26 @@ def test_agent_checkpoint_full_analysis(agent_ckpt: Path) -> None:
     assert online["net.0"].metrics["distance_from_init"] == pytest.approx(distance, rel=1e-6)
 
 
+def test_agent_checkpoint_gradients_of_the_td_loss(agent_ckpt: Path) -> None:
+    online = analyze(agent_ckpt, gradients=True).reports["online"]
+    data = torch.load(agent_ckpt, weights_only=True)
+    nets = {}
+    for name in ("online", "target"):  # independent: the TD loss written out on plain modules
+        net = nn.Sequential(nn.Linear(4, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))
+        net.load_state_dict({k.removeprefix("net."): v for k, v in data[name].items()})
+        nets[name] = net
+    pb, gamma = data["probe_batch"], 0.99  # the fixture's γ, the default
+    q = nets["online"](pb["obs"]).gather(1, pb["actions"].long().reshape(-1, 1)).squeeze(1)
+    with torch.no_grad():
+        best = nets["target"](pb["next_obs"]).max(1).values
+        y = pb["rewards"] + gamma * (1 - pb["terminated"].float()) * best
+    grads = torch.autograd.grad(((q - y) ** 2).mean(), list(nets["online"][2].parameters()))
+    expected = float(sum((g.double() ** 2).sum() for g in grads).sqrt())
+    assert online["net.2"].metrics["grad_norm"] == pytest.approx(expected, rel=1e-4)
+    assert {"grad_to_weight_ratio", "grad_dormant_fraction"} <= set(online["net.2"].metrics)
+    assert "grad_norm" not in analyze(agent_ckpt).reports["online"]["net.2"].metrics
+
+
 def test_plain_and_wrapped_state_dicts(tmp_path: Path) -> None:
     model = mlp()
     torch.save(model.state_dict(), tmp_path / "dqn.cleanrl_model")

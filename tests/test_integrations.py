@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -134,7 +135,10 @@ def test_lightning_callback_logs_through_the_trainer(tmp_path: Path) -> None:
     torch.manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(64, 3), torch.randn(64, 1))
     loader = torch.utils.data.DataLoader(data, batch_size=16)
-    callback = ProbeCallback(every=5, eval_mode=True)
+    def mse(module: L.LightningModule, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return nn.functional.mse_loss(module(batch[0]), batch[1])
+
+    callback = ProbeCallback(every=6, eval_mode=True, loss_fn=mse, trainability=True)  # reports at steps 6 and 12
     trainer = L.Trainer(
         max_steps=12,
         callbacks=[callback],
@@ -154,6 +158,12 @@ def test_lightning_callback_logs_through_the_trainer(tmp_path: Path) -> None:
         report["net.0"].metrics["effective_rank"], rel=1e-5
     )
     assert callback.probe_batch is not None and callback.probe_batch.shape == (16, 3)
+    x, y = callback.loss_batch  # independent: the gradient of the loss on the kept batch, by autograd
+    grads = torch.autograd.grad(nn.functional.mse_loss(module(x), y), list(module.net[2].parameters()))
+    expected = float(sum((g.double() ** 2).sum() for g in grads).sqrt())
+    assert report["net.2"].metrics["grad_norm"] == pytest.approx(expected, rel=1e-5)  # the last report: these weights
+    assert float(logged["plasticity/net.2/grad_norm"]) == pytest.approx(report["net.2"].metrics["grad_norm"], rel=1e-5)
+    assert "trainability_ratio" in report.network and report["net.0"].metrics["distance_from_init"] > 0
 
 
 def test_tensorboard_sink_roundtrip(tmp_path: Path) -> None:
@@ -175,3 +185,30 @@ def test_tensorboard_sink_roundtrip(tmp_path: Path) -> None:
     assert [e.step for e in events] == [10, 20]
     assert events[0].value == pytest.approx(report["0"].metrics["effective_rank"], rel=1e-6)
     assert acc.Scalars("eval/return")[0].value == 5.0
+
+
+def test_sb3_callback_gradients_trainability_and_distance_from_training_start() -> None:
+    sb3 = pytest.importorskip("stable_baselines3", reason="needs the sb3 extra")
+    import torch.nn.functional as F
+
+    from plasticity_probe.integrations.sb3 import ProbeCallback
+
+    def td_loss(model: Any) -> torch.Tensor:  # SB3 DQN's TD loss on a fixed replay sample
+        data = model.replay_buffer.sample(32, env=None)
+        with torch.no_grad():
+            best = model.q_net_target(data.next_observations).max(dim=1).values.reshape(-1, 1)
+            target = data.rewards + (1 - data.dones) * model.gamma * best
+        q = model.q_net(data.observations).gather(1, data.actions.long())
+        return F.smooth_l1_loss(q, target)
+
+    kw = dict(learning_starts=50, buffer_size=1000, train_freq=1, seed=0, verbose=0)
+    model = sb3.DQN("MlpPolicy", "CartPole-v1", **kw)
+    start = {k: v.clone() for k, v in model.policy.q_net.named_parameters()}
+    callback = ProbeCallback(every=100, batch_size=32, loss_fn=td_loss, trainability=True)
+    model.learn(200, callback=callback)
+    report = callback.last_reports["q_net"]
+    assert {"grad_norm", "grad_to_weight_ratio", "grad_dormant_fraction"} <= set(report["q_net.2"].metrics)
+    assert 0 < report.network["trainability_ratio"] < 1
+    moved = callback.probes["q_net"].init
+    assert all(torch.equal(moved[k], start[k]) for k in start)  # θ_0 = the parameters at the start of training
+    assert report["q_net.0"].metrics["distance_from_init"] > 0

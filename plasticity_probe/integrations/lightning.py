@@ -55,6 +55,12 @@ class ProbeCallback(L.Callback):
         layers: module paths to probe (default: all layers).
         eval_mode: measure in eval mode (dropout off), restoring the mode afterwards.
         input_fn: picks the model input from a batch (default: :func:`first_tensor`).
+        loss_fn: ``loss_fn(pl_module, batch) -> scalar`` on the first training batch (kept fixed):
+            adds the gradient metrics (``grad_norm``, ``grad_to_weight_ratio``, GraMa's
+            ``grad_dormant_fraction``).
+        trainability: add the trainability probe (fit random targets on a private copy).
+
+    ``distance_from_init`` is measured from the parameters at the start of training.
     """
 
     def __init__(
@@ -66,27 +72,42 @@ class ProbeCallback(L.Callback):
         eval_mode: bool = False,
         max_samples: int = 512,
         input_fn: Callable[[Any], torch.Tensor] = first_tensor,
+        loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+        trainability: bool = False,
     ) -> None:
         super().__init__()
         if every < 1:
             raise ValueError("every must be >= 1")
         self.every, self.probe_batch, self.metrics, self.layers = every, probe_batch, metrics, layers
         self.eval_mode, self.max_samples, self.input_fn = eval_mode, max_samples, input_fn
+        self.loss_fn, self.trainability = loss_fn, trainability
+        self.loss_batch: Any = None
+        self.probe: Probe | None = None
         self.last_report: Report | None = None
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self.probe = Probe(pl_module, layers=self.layers, metrics=self.metrics)  # θ_0: now
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.probe_batch is None:
             self.probe_batch = self.input_fn(batch)[: self.max_samples].detach().clone()
+        if self.loss_batch is None:
+            self.loss_batch = batch
         if trainer.global_step % self.every != 0:
             return
+        probe = self.probe or Probe(pl_module, layers=self.layers, metrics=self.metrics)
+        user_loss, loss_batch = self.loss_fn, self.loss_batch
+        loss_fn = (lambda: user_loss(pl_module, loss_batch)) if user_loss is not None else None
         was_training = pl_module.training
         if self.eval_mode:
             pl_module.eval()
         try:
-            probe = Probe(
-                pl_module, layers=self.layers, metrics=self.metrics, probe_batch=self.probe_batch.to(pl_module.device)
+            report = probe.measure(
+                self.probe_batch.to(pl_module.device),
+                loss_fn=loss_fn,
+                gradients=loss_fn is not None,
+                trainability=self.trainability,
             )
-            report = probe.measure()
         finally:
             pl_module.train(was_training)
         self.last_report = report

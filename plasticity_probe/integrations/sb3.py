@@ -14,7 +14,7 @@ TensorBoard outputs get them) and, optionally, our sinks.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plasticity_probe.layers import Args
+from plasticity_probe.layers import Args, call_model
 from plasticity_probe.probe import Probe
 from plasticity_probe.regularizers import SuccessiveRegularizer
 
@@ -63,6 +63,13 @@ def network_input(net: nn.Module, obs: Any, actions: torch.Tensor) -> Args:
     return Args(obs)
 
 
+def _first_output(net: nn.Module, batch: Any) -> torch.Tensor:
+    """The first tensor a network returns (a policy's actions, a critic's first Q-head)."""
+    out = call_model(net, batch)
+    first = out if isinstance(out, torch.Tensor) else next(t for t in out if isinstance(t, torch.Tensor))
+    return first.float()
+
+
 def _rows(array: np.ndarray, size: int, shape: tuple[int, ...]) -> np.ndarray:
     return array[:size].reshape(-1, *shape)
 
@@ -79,6 +86,12 @@ class ProbeCallback(BaseCallback):
         sinks: extra writers (``JsonlSink``, ``CsvSink``, ``TensorBoardSink``).
         prefix: logger key prefix.
         seed: seed of the draw of the probe batch (its own generator, not the global RNG).
+        loss_fn: ``loss_fn(model) -> scalar`` recomputing a training loss through the policy (for
+            DQN, e.g. the TD loss on a replay sample): adds the gradient metrics of each network
+            (``grad_norm``, ``grad_to_weight_ratio``, GraMa's ``grad_dormant_fraction``).
+        trainability: add the trainability probe (fit random targets on a private copy).
+
+    ``distance_from_init`` is measured from the parameters at the start of training.
     """
 
     def __init__(
@@ -89,6 +102,8 @@ class ProbeCallback(BaseCallback):
         sinks: Sequence[Any] = (),
         prefix: str = "plasticity",
         seed: int = 0,
+        loss_fn: Callable[[Any], torch.Tensor] | None = None,
+        trainability: bool = False,
         verbose: int = 0,
     ) -> None:
         super().__init__(verbose)
@@ -96,8 +111,15 @@ class ProbeCallback(BaseCallback):
             raise ValueError("every and batch_size must be >= 1")
         self.every, self.batch_size, self.metrics = every, batch_size, metrics
         self.sinks, self.prefix, self.seed = list(sinks), prefix, seed
+        self.loss_fn, self.trainability = loss_fn, trainability
         self.probe_batch: tuple[Any, torch.Tensor] | None = None
+        self.probes: dict[str, Probe] = {}
         self.last_reports: dict[str, Any] = {}
+
+    def _on_training_start(self) -> None:
+        self.probes = {
+            name: Probe(net, metrics=self.metrics) for name, net in probed_networks(self.model.policy).items()
+        }  # θ_0 for distance_from_init: the parameters when training starts
 
     def _draw_batch(self) -> tuple[Any, torch.Tensor] | None:
         """(observations, actions) of the probe batch as tensors on the model's device."""
@@ -133,9 +155,18 @@ class ProbeCallback(BaseCallback):
             if self.probe_batch is None:
                 return True
         obs, actions = self.probe_batch
+        user_loss, model = self.loss_fn, self.model
+        loss_fn = (lambda: user_loss(model)) if user_loss is not None else None
         for name, net in probed_networks(self.model.policy).items():
+            probe = self.probes.setdefault(name, Probe(net, metrics=self.metrics))
             with torch.random.fork_rng(devices=[]):
-                report = Probe(net, metrics=self.metrics).measure(network_input(net, obs, actions))
+                report = probe.measure(
+                    network_input(net, obs, actions),
+                    loss_fn=loss_fn,
+                    gradients=loss_fn is not None,
+                    trainability=self.trainability,
+                    trainability_kwargs={"forward": _first_output},
+                )
             self.last_reports[name] = report
             for row in report.rows():
                 self.logger.record(f"{self.prefix}/{name}/{row['layer']}/{row['metric']}", row["value"])
