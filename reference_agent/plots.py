@@ -194,6 +194,7 @@ def plot_runs(runs: list[Run], out: Path, window: int = 3) -> list[Path]:
         written += _plasticity_figure(plt, groups, env, out, palette)
         written += _qvalue_figure(plt, groups, env, out, palette)
         written += _hessian_figure(plt, groups, env, out, palette)
+        written += _trainability_figure(plt, groups, env, out, palette)
     return written
 
 
@@ -220,10 +221,18 @@ def _labels(runs: list[Run]) -> dict[str, str]:
 def _plasticity_figure(plt: Any, runs: list[Run], env: str, out: Path, palette: Palette) -> list[Path]:
     index = {row["layer"]: row["index"] for r in runs for row in r.plasticity if row["layer"] != "network"}
     layers = sorted(index, key=lambda name: index[name])
+    logged = {row["metric"] for r in runs for row in r.plasticity}
     metrics = [
-        ("weight_magnitude", "weight magnitude ‖θ‖₂"),
-        ("effective_rank", "effective rank"),
-        ("dead_fraction", "dead-unit fraction"),
+        (metric, title)
+        for metric, title in (
+            ("weight_magnitude", "weight magnitude ‖θ‖₂"),
+            ("distance_from_init", "distance from θ₀ ‖θ − θ₀‖₂"),
+            ("effective_rank", "effective rank"),
+            ("dead_fraction", "dead-unit fraction"),
+            ("grad_norm", "TD-loss gradient norm ‖g‖₂"),
+            ("grad_dormant_fraction", "gradient-dormant fraction (GraMa)"),
+        )
+        if metric in logged
     ]
     if not layers:
         return []
@@ -234,15 +243,16 @@ def _plasticity_figure(plt: Any, runs: list[Run], env: str, out: Path, palette: 
     for i, (metric, title) in enumerate(metrics):
         for j, layer in enumerate(layers):
             ax = axes[i][j]
-            if metric == "dead_fraction" and layer == output_layer:
+            if metric in ("dead_fraction", "grad_dormant_fraction") and layer == output_layer:
                 ax.set_axis_off()
-                ax.text(0.5, 0.5, "output layer: no activation,\nno dead units", ha="center", va="center", fontsize=8)
+                what = "no dead units" if metric == "dead_fraction" else "its units are the outputs"
+                ax.text(0.5, 0.5, f"output layer: no activation,\n{what}", ha="center", va="center", fontsize=8)
                 continue
             for group, (steps, values) in sorted(plasticity_series(runs, metric, layer).items()):
                 ax.plot(steps, values, label=names[group], color=palette(group), linestyle=style(configs[group]))
             ax.set_title(f"layer {j + 1} ({layer})", fontsize=9)
             ax.set_ylabel(title)
-            if metric == "dead_fraction":
+            if metric in ("dead_fraction", "grad_dormant_fraction"):
                 ax.set_ylim(bottom=0)
             _steps_axis(ax)
             ax.grid(alpha=0.3)
@@ -302,6 +312,17 @@ def _qvalue_figure(plt: Any, runs: list[Run], env: str, out: Path, palette: Pale
     titles = ("mean Q(s, a) on training batches", "mean TD target y")
     suptitle = f"{env}: Q-values and target values (mean over seeds)"
     return _pair_figure(plt, pairs, runs, palette, titles, suptitle, (out, f"qvalues_{env}"))
+
+
+def _trainability_figure(plt: Any, runs: list[Run], env: str, out: Path, palette: Palette) -> list[Path]:
+    left = plasticity_series(runs, "trainability_ratio", "network")
+    right = plasticity_series(runs, "grad_to_weight_ratio", "network")
+    if not left:
+        return []
+    pairs = {group: (left[group], right.get(group)) for group in left}
+    titles = ("trainability: final / initial loss on random targets", "TD-loss gradient-to-weight ratio ‖g‖/‖θ‖")
+    suptitle = f"{env}: trainability (lower = more plastic) and step size on the fixed probe batch (mean over seeds)"
+    return _pair_figure(plt, pairs, runs, palette, titles, suptitle, (out, f"trainability_{env}"))
 
 
 def _hessian_figure(plt: Any, runs: list[Run], env: str, out: Path, palette: Palette) -> list[Path]:
