@@ -35,6 +35,7 @@ changes the model's output, gradients, train/eval mode, BatchNorm statistics or 
 from __future__ import annotations
 
 import copy
+import sys
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -262,6 +263,25 @@ def _tensors(args: Sequence[Any], kwargs: dict[str, Any] | None) -> list[torch.T
     return out
 
 
+_STORAGE_USE_COUNT: Callable[[int], int] | None = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def _holders(t: torch.Tensor) -> tuple[int, int]:
+    """(Python references, storage users) of ``t`` as read from here; call it with an attribute
+    access (``_holders(obj.t)``) so every caller reads the same interpreter overhead."""
+    return sys.getrefcount(t), _STORAGE_USE_COUNT(t.untyped_storage()._cdata) if _STORAGE_USE_COUNT else 1 << 30
+
+
+class _Holder:
+    __slots__ = ("t",)
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+
+
+_held = _Holder(torch.empty(1))
+_ONE_HOLDER = _holders(_held.t)  # what a tensor held by exactly one attribute reads
+del _held
 _SUSPENDED = [0]  # > 0 while measuring: automatic recorders (a regularizer's) ignore passes
 
 
@@ -284,9 +304,9 @@ class _Chain:
 
     __slots__ = ("ended_at", "head", "layer", "origin", "snapshot")
 
-    def __init__(self, layer: str, head: torch.Tensor) -> None:
+    def __init__(self, layer: str, head: torch.Tensor, keep_origin: bool) -> None:
         self.layer = layer
-        self.origin = head  # the layer's own output, before its chain
+        self.origin = head if keep_origin else None  # the layer's own output, before its chain
         self.head = head
         self.ended_at: int | None = None
         self.snapshot: torch.Tensor | None = None
@@ -360,6 +380,7 @@ class DataFlowTracer:
             for name, m in self.candidates.items()
         }
         self._kinds = {name: layer_kind(m) for name, m in self.candidates.items()}
+        self._modules = list(model.modules())
         self._handles: list[RemovableHandle] = []
         self._mode: _Mode | None = None
         self._auto = False
@@ -367,7 +388,9 @@ class DataFlowTracer:
 
     # ----------------------------------------------------------------- state of one pass
     def _reset(self) -> None:
-        self._static = {id(t) for t in self.model.parameters()} | {id(b) for b in self.model.buffers()}
+        self._static = {  # refreshed per pass: frozen_closure_state rebinds buffers to clones
+            id(t) for m in self._modules for d in (m._parameters, m._buffers) for t in d.values() if t is not None
+        }
         self._order: list[str] = []
         self._calls: dict[str, list[_Chain]] = {}
         self._chain_of: dict[int, _Chain] = {}  # id(head) -> chain; heads are kept alive by their chain
@@ -452,7 +475,7 @@ class DataFlowTracer:
                     by[name] = route
 
     def _new_chain(self, name: str, out: torch.Tensor) -> None:
-        chain = _Chain(name, out)
+        chain = _Chain(name, out, keep_origin=not self.detach)
         self._calls.setdefault(name, []).append(chain)
         if name not in self._order:
             self._order.append(name)
@@ -467,6 +490,18 @@ class DataFlowTracer:
 
     def _copy(self, t: torch.Tensor) -> torch.Tensor:
         return (t.detach() if self.detach else t).clone()
+
+    def _private(self, chain: _Chain) -> bool:
+        """Whether, after the block, only this tracer can reach the chain's head — no Python
+        reference but the chain's, no view sharing its storage, no autograd graph — so nobody
+        can change it and the copy can be skipped (detached captures only: this saves a copy of
+        every hidden layer's features; the model's output, which the caller holds, is copied)."""
+        head = chain.head
+        if not self.detach or head._base is not None or head.requires_grad:
+            return False
+        del head
+        refs, users = _holders(chain.head)
+        return refs <= _ONE_HOLDER[0] and users <= _ONE_HOLDER[1]
 
     # ----------------------------------------------------------------- the torch-function mode
     def _on_op(self, func: Any, args: Sequence[Any], kwargs: Any) -> Any:
@@ -663,7 +698,7 @@ class DataFlowTracer:
         ``detach=False`` they are in the autograd graph, so ``torch.autograd.grad(loss, ...)``
         gives ∂L/∂(layer output), the pre-activation gradients of GraMa's score."""
         return {
-            name: [c.origin for c in self._calls[name]]
+            name: [c.origin for c in self._calls[name] if c.origin is not None]
             for name in self._order
             if self._calls.get(name) and name not in self._internal
         }
@@ -675,7 +710,7 @@ class DataFlowTracer:
             if x is None:
                 if chain.ended_at is not None and chain.head._version != chain.ended_at:
                     notes.append(f"{info.name}: features changed in place through a view after their chain ended")
-                x = self._copy(chain.head)
+                x = chain.head.detach() if self._private(chain) else self._copy(chain.head)
             if info.kind != "conv":
                 x = x.reshape(-1, x.shape[-1]) if x.ndim >= 2 else x.reshape(1, -1)
             values.append(x)

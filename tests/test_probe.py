@@ -289,3 +289,33 @@ def test_trainability_in_the_report_and_init_state() -> None:
     assert report.network["trainability_ratio"] == pytest.approx(direct.ratio)
     with pytest.raises(ValueError, match="loss_fn"):
         pp.Probe(model, probe_batch=x).measure(gradients=True)
+
+
+class KeepsHidden(nn.Module):
+    """Keeps a reference to (or a view of) its hidden features, which the caller later changes."""
+
+    def __init__(self, keep: str) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.keep = nn.Linear(3, 5), nn.Linear(5, 2), keep
+        self.kept: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(x))
+        self.kept = h if self.keep == "reference" else h.view(-1)
+        return self.fc2(h)
+
+
+@pytest.mark.parametrize("keep", ["reference", "view"])
+def test_features_are_copies_when_anyone_else_can_reach_them(keep: str) -> None:
+    torch.manual_seed(0)
+    model, x = KeepsHidden(keep), torch.randn(8, 3)
+    probe = pp.Probe(model)
+    with probe.capture(), torch.no_grad():  # no graph: only the references decide whether to copy
+        out = model(x)
+    expected = torch.relu(model.fc1(x)).detach()
+    assert model.kept is not None
+    with torch.no_grad():
+        model.kept.add_(100.0)  # after the block: the captured features must not move
+        out.add_(100.0)
+    torch.testing.assert_close(probe.features["fc1"], expected)
+    torch.testing.assert_close(probe.features["fc2"], model.fc2(expected).detach())
