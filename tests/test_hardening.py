@@ -132,6 +132,9 @@ def test_ctrl_c_on_a_sweep_stops_workers_without_tracebacks(tmp_path: Path) -> N
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # its own process group, as a terminal gives it
+        # and SIGINT handled as a terminal gives it: an xdist worker ignores SIGINT, and an ignored
+        # signal is inherited (Python then installs no KeyboardInterrupt handler)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     runs = [out_dir / DQNConfig(**{**TINY_GRID, "hidden_sizes": (8, 8), "seed": s}).run_name for s in (0, 1)]
     wait_for(lambda: all(status(r).get("state") == "running" for r in runs))
