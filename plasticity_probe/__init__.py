@@ -2,6 +2,14 @@
 ``torch.nn.Module``. See ``docs/`` and DESIGN.md for the definitions."""
 
 from plasticity_probe.hessian import HessianSpectrum, hessian_spectrum
+from plasticity_probe.interventions import (
+    InterventionSchedule,
+    LayerReset,
+    ReDo,
+    ResetRecord,
+    reset_layers,
+    shrink_perturb,
+)
 from plasticity_probe.layers import LayerInfo, SkippedModule, discover_layers
 from plasticity_probe.metrics import (
     NonFiniteWarning,
@@ -33,13 +41,17 @@ __version__ = "0.1.0"
 __all__ = [
     "CsvSink",
     "HessianSpectrum",
+    "InterventionSchedule",
     "JsonlSink",
     "LayerInfo",
     "LayerRecord",
+    "LayerReset",
     "NonFiniteWarning",
     "Penalty",
     "Probe",
+    "ReDo",
     "Report",
+    "ResetRecord",
     "SkippedModule",
     "SuccessiveRegularizer",
     "TensorBoardSink",
@@ -55,6 +67,8 @@ __all__ = [
     "l2_penalty",
     "l2init_penalty",
     "mean_abs_weight",
+    "reset_layers",
+    "shrink_perturb",
     "singular_penalty",
     "srank",
     "stable_rank",

@@ -21,6 +21,15 @@ class Reg(str, Enum):
     l1 = "l1"
 
 
+class InterventionKind(str, Enum):
+    """Which intervention to apply every ``intervention_every`` steps once learning starts."""
+
+    none = "none"
+    redo = "redo"
+    shrink_perturb = "shrink-perturb"
+    reset_last = "reset-last"
+
+
 class RegEvery(str, Enum):
     """When to add the penalty: every update, or only on target-network updates (t mod τ = 0)."""
 
@@ -72,6 +81,13 @@ class DQNConfig:
     reg_layers: tuple[str, ...] = ()
     """Layers to penalize, by module path (empty: all; "net.2": the penultimate layer only, as
     the authors' code did for singular with delta 1). Indices l stay those of the full network."""
+    intervention: InterventionKind = InterventionKind.none
+    """Intervention every intervention_every steps after learning starts: none, redo (reset τ-dormant
+    units, τ = 0.025, on the step's minibatch; Sokar et al. 2023), shrink-perturb (θ ← 0.8 θ + 0.01
+    θ_fresh; Ash & Adams 2020) or reset-last (re-initialize the output layer; Nikishin et al. 2022);
+    Adam's state of the changed entries is reset."""
+    intervention_every: int = 1000
+    """Steps between interventions, counted from learning_starts (the ReDo paper: 1000)."""
     eval_every: int = 5000
     """Evaluate the greedy policy every this many steps."""
     eval_episodes: int = 5
@@ -95,6 +111,7 @@ class DQNConfig:
         self.reg = Reg(self.reg)
         self.reg_every = RegEvery(self.reg_every)
         self.reg_variant = Variant(self.reg_variant)
+        self.intervention = InterventionKind(self.intervention)
         self.hidden_sizes = tuple(int(h) for h in self.hidden_sizes)
         self.reg_layers = tuple(str(name) for name in self.reg_layers)
         problems = []
@@ -107,6 +124,7 @@ class DQNConfig:
             "checkpoint_every",
             "threads",
             "eval_every",
+            "intervention_every",
         ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")
@@ -130,7 +148,8 @@ class DQNConfig:
 
     @property
     def run_name(self) -> str:
-        """``<env>__<reg>[_lam…_d…_<every>]__s<seed>``: unique per configuration and seed."""
+        """``<env>__<reg>[_lam…_d…_<every>][_<intervention>-every<n>]__s<seed>``: unique per
+        configuration and seed."""
         if self.reg is Reg.none:
             reg = "none"
         else:
@@ -139,6 +158,8 @@ class DQNConfig:
                 reg += "_authors"
             if self.reg_layers:
                 reg += "_layers-" + "+".join(self.reg_layers)
+        if self.intervention is not InterventionKind.none:
+            reg += f"_{self.intervention.value}-every{self.intervention_every}"
         return f"{self.env_id}__{reg}__s{self.seed}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -146,6 +167,7 @@ class DQNConfig:
         d["reg"] = self.reg.value
         d["reg_every"] = self.reg_every.value
         d["reg_variant"] = self.reg_variant.value
+        d["intervention"] = self.intervention.value
         d["hidden_sizes"] = list(self.hidden_sizes)
         d["reg_layers"] = list(self.reg_layers)
         return d
