@@ -432,7 +432,7 @@ class ReDo:
         feats = trace.features.get(info.name)
         if feats is None or score is None:
             return "no features (or no gradient) in the scoring pass", None
-        weight = module.weight
+        weight = _weight(module)
         units = int(score.shape[0])
         if weight.shape[0] != units:
             return f"{units} feature units but {weight.shape[0]} weight rows", None
@@ -517,7 +517,7 @@ class ReDo:
         with _private_rng(seed, self.model):
             fresh = [(_fresh_copy(plan.info.module), [(m, _fresh_copy(m)) for _, m in plan.chain]) for plan in todo]
         for plan, (layer_fresh, chain_fresh) in zip(todo, fresh, strict=True):  # incoming: rows, bias, chain
-            idx = plan.dormant.to(plan.info.module.weight.device)
+            idx = plan.dormant.to(_weight(plan.info.module).device)
             for attr in ("weight", "bias"):
                 p = getattr(plan.info.module, attr, None)
                 if isinstance(p, torch.Tensor):
@@ -527,14 +527,15 @@ class ReDo:
             for module, module_fresh in chain_fresh:  # per-unit affine, PReLU, BatchNorm statistics
                 own = itertools.chain(module.named_parameters(recurse=False), module.named_buffers(recurse=False))
                 for attr, t in list(own):
+                    fresh_t = getattr(module_fresh, attr)
                     if t.ndim != 1 or t.shape[0] != plan.units:
                         continue
-                    t[idx] = getattr(module_fresh, attr)[idx.cpu()].to(t.device, t.dtype)
+                    t[idx] = fresh_t[idx.cpu()].to(t.device, t.dtype)
                     if isinstance(t, nn.Parameter):
                         mark(t, idx)
         for plan in todo:  # outgoing: consumers' columns to 0
             for _, consumer, columns in plan.outgoing:
-                w = consumer.weight
+                w = _weight(consumer)
                 cols = columns(plan.dormant).to(w.device)
                 w[:, cols] = 0
                 mask_index = (slice(None), cols)
@@ -576,6 +577,12 @@ def unit_scores_for(trace: Trace, name: str) -> torch.Tensor:
     return _normalize(_unit_abs_mean(feats, conv=kind == "conv"))
 
 
+def _weight(module: nn.Module) -> torch.Tensor:
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    return weight
+
+
 def _unit_layer_problem(module: nn.Module) -> str | None:
     """Why ReDo cannot reset units of ``module`` (``None`` if it can)."""
     if parametrize.is_parametrized(module):
@@ -598,7 +605,7 @@ def _outgoing_columns(
     problem = _unit_layer_problem(consumer)
     if problem is not None:
         return None, f"consumer {name}: {problem}"
-    width = int(consumer.weight.shape[1])
+    width = int(_weight(consumer).shape[1])
     conv_producer = isinstance(producer, nn.modules.conv._ConvNd)
     if route == "direct":
         if isinstance(consumer, nn.Linear) and conv_producer and feats.ndim >= 3:

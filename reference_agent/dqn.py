@@ -344,12 +344,12 @@ def train(
                     if intervention_due(t):  # probe, intervene on this step's minibatch, probe again
                         assert intervene is not None
                         before = probe_online(t, "before")
-                        record = intervene(batch, torch.Generator().manual_seed(cfg.seed * 1_000_003 + t))
+                        done = intervene(batch, torch.Generator().manual_seed(cfg.seed * 1_000_003 + t))
                         after = probe_online(t, "after")
                         interventions.write_record(
                             {
                                 "step": t,
-                                **record.to_dict(),
+                                **done.to_dict(),
                                 "dormant_before": dormant(before),
                                 "dormant_after": dormant(after),
                             }

@@ -38,6 +38,11 @@ def _pyplot() -> Any:
 
 
 def label(cfg: DQNConfig) -> str:
+    if cfg.intervention.value != "none":
+        base = (
+            "" if cfg.reg is Reg.none else f"{label(type(cfg).from_dict({**cfg.to_dict(), 'intervention': 'none'}))}, "
+        )
+        return f"{base}{cfg.intervention.value} every {cfg.intervention_every}"
     if cfg.reg is Reg.none:
         return "no regularization"
     every = "every update" if cfg.reg_every.value == "update" else "target updates only"
@@ -48,13 +53,15 @@ def label(cfg: DQNConfig) -> str:
 def best_per_penalty(curves: list[GroupCurve]) -> list[GroupCurve]:
     """The baseline and, per penalty (and penalized-layer subset), the setting with the highest
     smoothed mean return."""
-    best: dict[tuple[Reg, tuple[str, ...]], GroupCurve] = {}
+    best: dict[tuple[Reg, tuple[str, ...], str], GroupCurve] = {}
     for c in curves:
-        key = (c.config.reg, c.config.reg_layers)
+        key = (c.config.reg, c.config.reg_layers, c.config.intervention.value)
         if key not in best or c.mean.max() > best[key].mean.max():
             best[key] = c
     order = list(Reg)
-    return sorted(best.values(), key=lambda c: (order.index(c.config.reg), c.config.reg_layers))
+    return sorted(
+        best.values(), key=lambda c: (order.index(c.config.reg), c.config.reg_layers, c.config.intervention.value)
+    )
 
 
 def _selected(curves: list[GroupCurve]) -> list[GroupCurve]:
@@ -146,8 +153,11 @@ def _plasticity_figure(plt: Any, runs: list[Run], env: str, out: Path) -> list[P
     for i, (metric, title) in enumerate(metrics):
         for j, layer in enumerate(layers):
             ax = axes[i][j]
+            before = plasticity_series(runs, metric, layer, before=True)
             for group, (steps, values) in sorted(plasticity_series(runs, metric, layer).items()):
-                ax.plot(steps, values, label=names[group])
+                line = ax.plot(steps, values, label=names[group])[0]
+                if group in before:  # interventions: ▼ right before, the line right after
+                    ax.plot(*before[group], "v", ms=3, color=line.get_color(), label=f"{names[group]}, before reset")
             ax.set_title(f"{title}, layer {j + 1} ({layer})", fontsize=9)
             ax.set_xlabel("environment steps")
             ax.grid(alpha=0.3)

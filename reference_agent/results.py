@@ -25,6 +25,11 @@ class Run:
     evals: list[tuple[int, float]]
     updates: list[dict[str, Any]]
     plasticity: list[dict[str, Any]] = field(repr=False)
+    interventions: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    """Records of interventions.jsonl (empty without one)."""
+    plasticity_before: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    """Plasticity rows taken right before each intervention (``phase = "before"``); ``plasticity``
+    holds the others, so it has one report per step (the one after an intervention)."""
 
     @property
     def group(self) -> str:
@@ -37,13 +42,16 @@ def load_run(path: Path) -> Run:
     config = DQNConfig.from_dict(data["config"])
     metrics = list(rundir.read_jsonl(path / rundir.METRICS))
     status = rundir.read_json(path / rundir.STATUS) if (path / rundir.STATUS).exists() else {}
+    plasticity = list(rundir.read_jsonl(path / rundir.PLASTICITY))
     return Run(
         path=path,
         config=config,
         state=status.get("state"),
         evals=[(r["step"], r["return_mean"]) for r in metrics if r.get("kind") == "eval"],
         updates=[r for r in metrics if r.get("kind") == "update"],
-        plasticity=list(rundir.read_jsonl(path / rundir.PLASTICITY)),
+        plasticity=[r for r in plasticity if r.get("phase") != "before"],
+        interventions=list(rundir.read_jsonl(path / rundir.INTERVENTIONS)),
+        plasticity_before=[r for r in plasticity if r.get("phase") == "before"],
     )
 
 
@@ -128,11 +136,14 @@ def summarize(curves: list[GroupCurve]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (r["env"], -r["best_mean"]))
 
 
-def plasticity_series(runs: list[Run], metric: str, layer: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per configuration: (steps, values averaged over seeds) of one plasticity metric."""
+def plasticity_series(
+    runs: list[Run], metric: str, layer: str, before: bool = False
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per configuration: (steps, values averaged over seeds) of one plasticity metric (with
+    ``before=True``: of the reports taken right before each intervention)."""
     acc: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
-        for row in run.plasticity:
+        for row in run.plasticity_before if before else run.plasticity:
             if row["metric"] == metric and row["layer"] == layer and row["value"] is not None:
                 acc[run.group][row["step"]].append(row["value"])
     return {g: (np.array(sorted(d)), np.array([float(np.mean(d[s])) for s in sorted(d)])) for g, d in acc.items()}
