@@ -230,7 +230,7 @@ def train(
     rundir.write_json(run_dir / rundir.CONFIG, {"config": cfg.to_dict(), "versions": package_versions()})
     metrics = pp.JsonlSink(run_dir / rundir.METRICS)
     plasticity = pp.JsonlSink(run_dir / rundir.PLASTICITY)
-    interventions = pp.JsonlSink(run_dir / rundir.INTERVENTIONS)
+    interventions = pp.JsonlSink(run_dir / rundir.INTERVENTIONS) if intervene is not None else None
     started, start_step = time.perf_counter(), step
     last_eval: float | None = None
 
@@ -342,7 +342,7 @@ def train(
                     if t % cfg.target_update_period == 0:
                         target.load_state_dict(q.state_dict())
                     if intervention_due(t):  # probe, intervene on this step's minibatch, probe again
-                        assert intervene is not None
+                        assert intervene is not None and interventions is not None
                         before = probe_online(t, "before")
                         done = intervene(batch, torch.Generator().manual_seed(cfg.seed * 1_000_003 + t))
                         after = probe_online(t, "after")
@@ -419,7 +419,8 @@ def train(
     finally:
         metrics.close()
         plasticity.close()
-        interventions.close()
+        if interventions is not None:
+            interventions.close()
         env.close()
         eval_env.close()
         if reg is not None:
