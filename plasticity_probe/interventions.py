@@ -459,7 +459,7 @@ class ReDo:
                 return problem, None
             assert columns is not None
             outgoing.append((c.layer, consumer, columns))
-        dormant = torch.nonzero(score <= self.tau).flatten().to(torch.int64)
+        dormant = torch.nonzero(score <= self.tau).flatten().to(device="cpu", dtype=torch.int64)
         return None, _Plan(info, units, dormant, chain, outgoing)
 
     def _chain_modules(
