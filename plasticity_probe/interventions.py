@@ -259,7 +259,9 @@ def _layer_outputs(layers: dict[str, nn.Module]) -> Iterator[dict[str, list[tupl
             h.remove()
 
 
-def _gradient_scores(outputs: dict[str, list[tuple[GradientEdge, bool]]], loss: torch.Tensor) -> dict[str, Any]:
+def _gradient_scores(
+    outputs: dict[str, list[tuple[GradientEdge, bool]]], loss: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """GraMa-style per-unit scores: ``E|∂L/∂z_i|`` normalized by its mean over the layer's units
     (as :func:`unit_scores`), z the layer's own output (pre-activation), the expectation over
     samples (and positions) of all calls."""
@@ -357,10 +359,11 @@ class ReDo:
         if score not in ("activation", "gradient"):
             raise ValueError(f"ReDo: score must be 'activation' or 'gradient', got {score!r}")
         self.model = model
+        self._eager: nn.Module = getattr(model, "_orig_mod", model)  # a torch.compile'd model's module
         self.optimizer = optimizer
         self.tau = tau
         self.score = score
-        modules = {display_name(p) for p, _ in model.named_modules()}
+        modules = {display_name(p) for p, _ in self._eager.named_modules()}
         if layers is not None:
             unknown = [n for n in layers if display_name(n) not in modules]
             if unknown:
@@ -373,14 +376,16 @@ class ReDo:
         return self.reset(batch)
 
     # ------------------------------------------------------------------ scoring
-    def _trace(self, batch: Any, loss_fn: Callable[[Any], torch.Tensor] | None) -> tuple[Trace, dict[str, Any]]:
-        model = getattr(self.model, "_orig_mod", self.model)
+    def _trace(
+        self, batch: Any, loss_fn: Callable[[Any], torch.Tensor] | None
+    ) -> tuple[Trace, dict[str, torch.Tensor]]:
+        model = self._eager
         buffers = {n: b.clone() for n, b in model.named_buffers()}
         gradient = self.score == "gradient"
         if gradient and loss_fn is None:
             raise ValueError("ReDo(score='gradient').reset needs loss_fn(model_output) -> scalar loss")
-        tracer = DataFlowTracer(model, detach=not gradient)
-        scores: dict[str, Any] = {}
+        tracer = DataFlowTracer(model)
+        scores: dict[str, torch.Tensor] = {}
         try:
             with _private_rng(None, model):
                 if gradient:
@@ -403,9 +408,9 @@ class ReDo:
         return trace, scores
 
     # ------------------------------------------------------------------ planning
-    def _plan(self, trace: Trace, scores: dict[str, Any]) -> tuple[list[_Plan], list[SkippedLayer]]:
+    def _plan(self, trace: Trace, scores: dict[str, torch.Tensor]) -> tuple[list[_Plan], list[SkippedLayer]]:
         infos = {info.name: info for info in trace.layers}
-        modules = dict(self.model.named_modules())
+        modules = dict(self._eager.named_modules())
         plans, skipped = [], []
         for info in trace.layers:
             if self.layers is not None and info.name not in self.layers:
@@ -466,7 +471,7 @@ class ReDo:
         self, info: LayerInfo, units: int, modules: dict[str, nn.Module]
     ) -> tuple[list[tuple[str, nn.Module]], str | None]:
         own = {id(p) for p in info.module.parameters(recurse=False)}
-        named = dict(self.model.named_parameters())
+        named = dict(self._eager.named_parameters())
         chain: dict[str, nn.Module] = {}
         for pname in info.params:
             p = named.get(pname)
@@ -504,7 +509,7 @@ class ReDo:
         trace, scores = self._trace(batch, loss_fn)
         plans, skipped = self._plan(trace, scores)
         seed = _seed_from(generator if generator is not None else self.generator)
-        params = {id(p): n for n, p in self.model.named_parameters()}
+        params = {id(p): n for n, p in self._eager.named_parameters()}
         changed: dict[str, None] = {}
         masks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
