@@ -83,11 +83,14 @@ class DQNConfig:
     the authors' code did for singular with delta 1). Indices l stay those of the full network."""
     intervention: InterventionKind = InterventionKind.none
     """Intervention every intervention_every steps after learning starts: none, redo (reset τ-dormant
-    units, τ = 0.025, on the step's minibatch; Sokar et al. 2023), shrink-perturb (θ ← 0.8 θ + 0.01
+    units (τ = redo_tau) on the step's minibatch; Sokar et al. 2023), shrink-perturb (θ ← 0.8 θ + 0.01
     θ_fresh; Ash & Adams 2020) or reset-last (re-initialize the output layer; Nikishin et al. 2022);
     Adam's state of the changed entries is reset."""
     intervention_every: int = 1000
     """Steps between interventions, counted from learning_starts (the ReDo paper: 1000)."""
+    redo_tau: float = 0.025
+    """τ of --intervention redo: units with normalized score ≤ τ are reset (the ReDo paper: 0.025 in
+    its default setting, 0.1 otherwise, e.g. at a replay ratio of 1 as here)."""
     eval_every: int = 5000
     """Evaluate the greedy policy every this many steps."""
     eval_episodes: int = 5
@@ -135,6 +138,8 @@ class DQNConfig:
             problems.append("eps_start, eps_end and eps_fraction must lie in [0, 1]")
         if not 0 <= self.gamma <= 1:
             problems.append("gamma must lie in [0, 1]")
+        if self.redo_tau < 0:
+            problems.append("redo_tau must be >= 0")
         if self.learning_rate <= 0 or self.lam < 0 or self.delta <= 0:
             problems.append("need learning_rate > 0, lam >= 0, delta > 0")
         if not self.hidden_sizes or min(self.hidden_sizes) < 1:
@@ -160,6 +165,8 @@ class DQNConfig:
                 reg += "_layers-" + "+".join(self.reg_layers)
         if self.intervention is not InterventionKind.none:
             reg += f"_{self.intervention.value}-every{self.intervention_every}"
+            if self.intervention is InterventionKind.redo and self.redo_tau != 0.025:
+                reg += f"-tau{self.redo_tau:g}"
         return f"{self.env_id}__{reg}__s{self.seed}"
 
     def to_dict(self) -> dict[str, Any]:

@@ -75,7 +75,7 @@ def make_intervention(
     step, makes every fresh initialization reproducible on resume."""
     kind = cfg.intervention
     if kind is InterventionKind.redo:
-        redo = pp.ReDo(q, optimizer, tau=0.025)
+        redo = pp.ReDo(q, optimizer, tau=cfg.redo_tau)
         return lambda batch, gen: redo.reset(batch.obs, generator=gen)
     if kind is InterventionKind.shrink_perturb:
         return lambda _batch, gen: pp.shrink_perturb(q, 0.8, 0.01, optimizer=optimizer, generator=gen)
