@@ -496,6 +496,7 @@ def test_lightning_intervention_callback() -> None:
 def test_agent_redo_records_and_resume_is_exact(tmp_path: Path) -> None:
     cfg = tiny_config(intervention="redo", intervention_every=200)
     assert cfg.run_name == "CartPole-v1__none_redo-every200__s0"
+    assert tiny_config(intervention="redo", redo_tau=0.1).run_name == "CartPole-v1__none_redo-every1000-tau0.1__s0"
     train(cfg, tmp_path / "full")
     records = list(rundir.read_jsonl(tmp_path / "full" / rundir.INTERVENTIONS))
     assert [r["step"] for r in records] == [500, 700, 900, 1100, 1300, 1500]
