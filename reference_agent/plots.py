@@ -42,7 +42,8 @@ def label(cfg: DQNConfig) -> str:
         base = (
             "" if cfg.reg is Reg.none else f"{label(type(cfg).from_dict({**cfg.to_dict(), 'intervention': 'none'}))}, "
         )
-        return f"{base}{cfg.intervention.value} every {cfg.intervention_every}"
+        tau = f" τ={cfg.redo_tau:g}" if cfg.intervention.value == "redo" else ""
+        return f"{base}{cfg.intervention.value}{tau} every {cfg.intervention_every}"
     if cfg.reg is Reg.none:
         return "no regularization"
     every = "every update" if cfg.reg_every.value == "update" else "target updates only"
@@ -157,7 +158,7 @@ def _plasticity_figure(plt: Any, runs: list[Run], env: str, out: Path) -> list[P
             for group, (steps, values) in sorted(plasticity_series(runs, metric, layer).items()):
                 line = ax.plot(steps, values, label=names[group])[0]
                 if group in before:  # interventions: ▼ right before, the line right after
-                    ax.plot(*before[group], "v", ms=3, color=line.get_color(), label=f"{names[group]}, before reset")
+                    ax.plot(*before[group], "v", ms=3, color=line.get_color(), label=f"{names[group]}, before")
             ax.set_title(f"{title}, layer {j + 1} ({layer})", fontsize=9)
             ax.set_xlabel("environment steps")
             ax.grid(alpha=0.3)
