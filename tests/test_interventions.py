@@ -24,6 +24,8 @@ from torch import nn
 import plasticity_probe as pp
 from reference_agent import rundir
 from reference_agent.dqn import train
+from reference_agent.plots import label, plot_runs
+from reference_agent.results import load_run
 
 TAU = 0.025
 
@@ -509,6 +511,13 @@ def test_agent_redo_records_and_resume_is_exact(tmp_path: Path) -> None:
         if r["metric"] == "dormant_fraction"
     }
     assert (500, "before") in phases and (500, "after") in phases and (600, None) in phases
+    run = load_run(tmp_path / "full")
+    assert len(run.interventions) == 6 and {r.get("phase") for r in run.plasticity} == {None, "after"}
+    assert {r["phase"] for r in run.plasticity_before} == {"before"}
+    pytest.importorskip("matplotlib")
+    written = plot_runs([run], tmp_path / "figures")
+    assert tmp_path / "figures" / "plasticity_CartPole-v1.png" in written
+    assert label(run.config) == "redo τ=0.025 every 200"
 
     def interrupt(step: int, total: int, info: dict[str, float]) -> None:
         if step == 800:
