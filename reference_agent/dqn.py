@@ -6,7 +6,9 @@ online network on a fixed probe batch, ``JsonlSink`` writes the results.
 
 One gradient step per environment step once ``learning_starts`` steps are in the buffer;
 MSE TD loss ``(r + γ (1 − terminated) max_a' Q_target(s', a') − Q(s, a))²`` where a time-limit
-truncation is not terminal; hard target update every τ steps; no gradient clipping.
+truncation is not terminal; hard target update every τ steps; no gradient clipping. With
+``intervention``, ReDo / Shrink & Perturb / a reset of the output layer acts on the online network
+and its Adam state every ``intervention_every`` steps after learning starts (``make_intervention``).
 """
 
 from __future__ import annotations
@@ -276,7 +278,7 @@ def train(
     def probe_online(t: int, phase: str | None = None) -> pp.Report:
         assert probe_batch is not None
         pb = probe_batch
-        with_hessian = phase is None and cfg.hessian_every > 0 and t % cfg.hessian_every == 0
+        with_hessian = phase != "before" and cfg.hessian_every > 0 and t % cfg.hessian_every == 0
         report = pp.Probe(q, probe_batch=pb.obs).measure(
             loss_fn=(lambda: td_loss(q, target, pb, cfg.gamma)[0]) if with_hessian else None,
             hessian=with_hessian,

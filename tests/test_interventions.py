@@ -531,8 +531,14 @@ def test_agent_redo_records_and_resume_is_exact(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("kind", ["shrink-perturb", "reset-last"])
 def test_agent_other_interventions(tmp_path: Path, kind: str) -> None:
-    cfg = tiny_config(intervention=kind, intervention_every=400, total_steps=800)
+    cfg = tiny_config(intervention=kind, intervention_every=400, total_steps=800, hessian_every=700)
     assert train(cfg, tmp_path / cfg.run_name).state == "finished"
+    hessian = {
+        (r["step"], r.get("phase"))
+        for r in rundir.read_jsonl(tmp_path / cfg.run_name / rundir.PLASTICITY)
+        if r["metric"] == "hessian_lambda_max"
+    }
+    assert hessian == {(700, "after")}  # the report due at an intervention step is the one after it
     records = list(rundir.read_jsonl(tmp_path / cfg.run_name / rundir.INTERVENTIONS))
     assert [r["step"] for r in records] == [700]
     expected = {"shrink-perturb": "shrink_perturb", "reset-last": "reset_layers"}[kind]
