@@ -3,6 +3,14 @@
 
 from plasticity_probe.gradients import distance_from_init, grad_dormant_fraction, grad_norm, grad_to_weight_ratio
 from plasticity_probe.hessian import HessianSpectrum, SpectralDensity, frozen_closure_state, hessian_spectrum
+from plasticity_probe.interventions import (
+    InterventionSchedule,
+    LayerReset,
+    ReDo,
+    ResetRecord,
+    reset_layers,
+    shrink_perturb,
+)
 from plasticity_probe.layers import Args, LayerInfo, ParamGroup, SkippedModule, discover_layers
 from plasticity_probe.metrics import (
     NonFiniteWarning,
@@ -37,14 +45,18 @@ __all__ = [
     "CsvSink",
     "GroupRecord",
     "HessianSpectrum",
+    "InterventionSchedule",
     "JsonlSink",
     "LayerInfo",
     "LayerRecord",
+    "LayerReset",
     "NonFiniteWarning",
     "ParamGroup",
     "Penalty",
     "Probe",
+    "ReDo",
     "Report",
+    "ResetRecord",
     "SkippedModule",
     "SpectralDensity",
     "SuccessiveRegularizer",
@@ -67,6 +79,8 @@ __all__ = [
     "l2_penalty",
     "l2init_penalty",
     "mean_abs_weight",
+    "reset_layers",
+    "shrink_perturb",
     "singular_penalty",
     "srank",
     "stable_rank",

@@ -23,6 +23,15 @@ class Reg(str, Enum):
     l1 = "l1"
 
 
+class InterventionKind(str, Enum):
+    """Which intervention to apply every ``intervention_every`` steps once learning starts."""
+
+    none = "none"
+    redo = "redo"
+    shrink_perturb = "shrink-perturb"
+    reset_last = "reset-last"
+
+
 class RegEvery(str, Enum):
     """When to add the penalty: every update, or only on target-network updates (t mod τ = 0)."""
 
@@ -93,6 +102,16 @@ class DQNConfig:
     reg_layers: tuple[str, ...] = ()
     """Layers to penalize, by module path (empty: all; "net.2": the penultimate layer only, as
     the authors' code did for singular with delta 1). Indices l stay those of the full network."""
+    intervention: InterventionKind = InterventionKind.none
+    """Intervention every intervention_every steps after learning starts: none, redo (reset τ-dormant
+    units (τ = redo_tau) on the step's minibatch; Sokar et al. 2023), shrink-perturb (θ ← 0.8 θ + 0.01
+    θ_fresh; Ash & Adams 2020) or reset-last (re-initialize the output layer; Nikishin et al. 2022);
+    Adam's state of the changed entries is reset."""
+    intervention_every: int = 1000
+    """Steps between interventions, counted from learning_starts (the ReDo paper: 1000)."""
+    redo_tau: float = 0.025
+    """τ of --intervention redo: units with normalized score ≤ τ are reset (the ReDo paper: 0.025 in
+    its default setting, 0.1 otherwise, e.g. at a replay ratio of 1 as here)."""
     eval_every: int = 5000
     """Evaluate the greedy policy every this many steps."""
     eval_episodes: int = 5
@@ -116,6 +135,7 @@ class DQNConfig:
         self.reg = Reg(self.reg)
         self.reg_every = RegEvery(self.reg_every)
         self.reg_variant = Variant(self.reg_variant)
+        self.intervention = InterventionKind(self.intervention)
         self.hidden_sizes = tuple(int(h) for h in self.hidden_sizes)
         self.reg_layers = tuple(str(name) for name in self.reg_layers)
         problems: list[tuple[str, str]] = []
@@ -128,6 +148,7 @@ class DQNConfig:
             "checkpoint_every",
             "threads",
             "eval_every",
+            "intervention_every",
         ):
             if getattr(self, name) < 1:
                 problems.append((name, "must be >= 1"))
@@ -143,6 +164,8 @@ class DQNConfig:
             problems.append(("lam", "must be a finite number >= 0"))
         if not (math.isfinite(self.delta) and self.delta > 0):
             problems.append(("delta", "must be a finite number > 0"))
+        if not (math.isfinite(self.redo_tau) and self.redo_tau >= 0):
+            problems.append(("redo_tau", "must be a finite number >= 0"))
         if not self.hidden_sizes or min(self.hidden_sizes) < 1:
             problems.append(("hidden_sizes", "must be positive widths"))
         if problems:
@@ -166,7 +189,8 @@ class DQNConfig:
 
     @property
     def run_name(self) -> str:
-        """``<env>__<reg>[_lam…_d…_<every>]__s<seed>``: unique per configuration and seed."""
+        """``<env>__<reg>[_lam…_d…_<every>][_<intervention>-every<n>]__s<seed>``: unique per
+        configuration and seed."""
         if self.reg is Reg.none:
             reg = "none"
         else:
@@ -175,6 +199,10 @@ class DQNConfig:
                 reg += "_authors"
             if self.reg_layers:
                 reg += "_layers-" + "+".join(self.reg_layers)
+        if self.intervention is not InterventionKind.none:
+            reg += f"_{self.intervention.value}-every{self.intervention_every}"
+            if self.intervention is InterventionKind.redo and self.redo_tau != 0.025:
+                reg += f"-tau{self.redo_tau:g}"
         return f"{self.env_id}__{reg}__s{self.seed}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -182,6 +210,7 @@ class DQNConfig:
         d["reg"] = self.reg.value
         d["reg_every"] = self.reg_every.value
         d["reg_variant"] = self.reg_variant.value
+        d["intervention"] = self.intervention.value
         d["hidden_sizes"] = list(self.hidden_sizes)
         d["reg_layers"] = list(self.reg_layers)
         return d

@@ -6,7 +6,9 @@ online network on a fixed probe batch, ``JsonlSink`` writes the results.
 
 One gradient step per environment step once ``learning_starts`` steps are in the buffer;
 MSE TD loss ``(r + γ (1 − terminated) max_a' Q_target(s', a') − Q(s, a))²`` where a time-limit
-truncation is not terminal; hard target update every τ steps; no gradient clipping.
+truncation is not terminal; hard target update every τ steps; no gradient clipping. With
+``intervention``, ReDo / Shrink & Perturb / a reset of the output layer acts on the online network
+and its Adam state every ``intervention_every`` steps after learning starts (``make_intervention``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 import plasticity_probe as pp
 from reference_agent import rundir
 from reference_agent.checkpoint import load_checkpoint, save_checkpoint
-from reference_agent.config import DQNConfig, Reg, RegEvery, epsilon
+from reference_agent.config import DQNConfig, InterventionKind, Reg, RegEvery, epsilon
 from reference_agent.envs import episode_seed, make_env
 from reference_agent.network import QNetwork
 from reference_agent.replay import Batch, ReplayBuffer
@@ -68,6 +70,32 @@ def td_loss(
         y = batch.rewards + gamma * (1.0 - batch.terminated) * next_q
     q_sa = q(batch.obs).gather(1, batch.actions.unsqueeze(1)).squeeze(1)
     return F.mse_loss(q_sa, y), q_sa, y
+
+
+def make_intervention(
+    cfg: DQNConfig, q: torch.nn.Module, optimizer: torch.optim.Optimizer, obs_dim: int
+) -> Callable[[Batch, torch.Generator], pp.ResetRecord] | None:
+    """The configured intervention as ``intervene(minibatch, generator) -> record`` on the online
+    network and its Adam state (``None`` for ``intervention = none``); the generator, seeded per
+    step, makes every fresh initialization reproducible on resume."""
+    kind = cfg.intervention
+    if kind is InterventionKind.redo:
+        redo = pp.ReDo(q, optimizer, tau=cfg.redo_tau)
+        return lambda batch, gen: redo.reset(batch.obs, generator=gen)
+    if kind is InterventionKind.shrink_perturb:
+        return lambda _batch, gen: pp.shrink_perturb(q, 0.8, 0.01, optimizer=optimizer, generator=gen)
+    if kind is InterventionKind.reset_last:
+        last = pp.discover_layers(q, torch.zeros(1, obs_dim))[0][-1].name
+        return lambda _batch, gen: pp.reset_layers(q, [last], optimizer=optimizer, generator=gen)
+    return None
+
+
+def dormant(report: pp.Report) -> dict[str, float]:
+    """Dormant fraction per layer and over the hidden layers (``network``) of a report."""
+    out = {r.name: r.metrics["dormant_fraction"] for r in report.layers if "dormant_fraction" in r.metrics}
+    if "dormant_fraction" in report.network:
+        out["network"] = report.network["dormant_fraction"]
+    return out
 
 
 def evaluate(q: torch.nn.Module, env: gym.Env, seed: int, first_episode: int, episodes: int) -> list[float]:
@@ -183,6 +211,7 @@ def _train_locked(cfg: DQNConfig | None, run_dir: Path, resume: bool, progress: 
             example_input=torch.zeros(1, obs_dim),
         )
     optimizer = torch.optim.Adam(q.parameters(), lr=cfg.learning_rate, fused=True)
+    intervene = make_intervention(cfg, q, optimizer, obs_dim)
     buffer = ReplayBuffer(cfg.capacity, obs_dim)
     probe_batch: Batch | None = None
     stats, stats_count = torch.zeros(4, dtype=torch.float64), 0  # sums of TD loss, Q, target, penalty
@@ -207,18 +236,19 @@ def _train_locked(cfg: DQNConfig | None, run_dir: Path, resume: bool, progress: 
         obs, _ = env.reset(seed=episode_seed(cfg.seed, 0, episode))
         for a in ep_actions:
             obs, *_ = env.step(a)
-        for name in (rundir.METRICS, rundir.PLASTICITY):
+        for name in (rundir.METRICS, rundir.PLASTICITY, rundir.INTERVENTIONS):
             problem = rundir.truncate_jsonl(run_dir / name, step).problem()
             if problem:
                 warnings.append(problem + "; dropped on resume")
     else:
-        for name in (rundir.METRICS, rundir.PLASTICITY):
+        for name in (rundir.METRICS, rundir.PLASTICITY, rundir.INTERVENTIONS):
             (run_dir / name).unlink(missing_ok=True)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     rundir.write_json(run_dir / rundir.CONFIG, {"config": cfg.to_dict(), "versions": package_versions()})
     metrics = pp.JsonlSink(run_dir / rundir.METRICS)
     plasticity = pp.JsonlSink(run_dir / rundir.PLASTICITY)
+    interventions = pp.JsonlSink(run_dir / rundir.INTERVENTIONS) if intervene is not None else None
     started, start_step = time.perf_counter(), step
     last_eval: float | None = None
 
@@ -261,10 +291,10 @@ def _train_locked(cfg: DQNConfig | None, run_dir: Path, resume: bool, progress: 
             },
         )
 
-    def probe_online(t: int) -> None:
+    def probe_online(t: int, phase: str | None = None) -> pp.Report:
         assert probe_batch is not None
         pb = probe_batch
-        with_hessian = cfg.hessian_every > 0 and t % cfg.hessian_every == 0
+        with_hessian = phase != "before" and cfg.hessian_every > 0 and t % cfg.hessian_every == 0
         if with_hessian:  # the spectrum of a non-finite loss is meaningless: report the divergence
             with torch.no_grad():
                 probe_loss = float(td_loss(q, target, pb, cfg.gamma)[0])
@@ -278,7 +308,18 @@ def _train_locked(cfg: DQNConfig | None, run_dir: Path, resume: bool, progress: 
             trainability=True,
             trainability_kwargs={"seed": cfg.seed},
         )
-        plasticity.write(t, report, network="online")
+        if phase is None:
+            plasticity.write(t, report, network="online")
+        else:  # the reports right before and right after an intervention
+            plasticity.write(t, report, network="online", phase=phase)
+        return report
+
+    def intervention_due(t: int) -> bool:
+        return (
+            intervene is not None
+            and t > cfg.learning_starts
+            and (t - cfg.learning_starts) % cfg.intervention_every == 0
+        )
 
     status("running")
     try:
@@ -326,6 +367,19 @@ def _train_locked(cfg: DQNConfig | None, run_dir: Path, resume: bool, progress: 
                     stats_count += 1
                     if t % cfg.target_update_period == 0:
                         target.load_state_dict(q.state_dict())
+                    if intervention_due(t):  # probe, intervene on this step's minibatch, probe again
+                        assert intervene is not None and interventions is not None
+                        before = probe_online(t, "before")
+                        done = intervene(batch, torch.Generator().manual_seed(cfg.seed * 1_000_003 + t))
+                        after = probe_online(t, "after")
+                        interventions.write_record(
+                            {
+                                "step": t,
+                                **done.to_dict(),
+                                "dormant_before": dormant(before),
+                                "dormant_after": dormant(after),
+                            }
+                        )
 
                 # ---- logging, evaluation, probing, checkpoints (off the hot path) ---------------
                 if t % cfg.log_every == 0 and stats_count > 0:
@@ -366,6 +420,7 @@ def _train_locked(cfg: DQNConfig | None, run_dir: Path, resume: bool, progress: 
                     probe_batch is not None
                     and cfg.probe_every
                     and (t % cfg.probe_every == 0 or t == cfg.learning_starts)
+                    and not intervention_due(t)  # already probed right after the intervention
                 ):
                     probe_online(t)
                 if t % cfg.checkpoint_every == 0 or t == cfg.total_steps:
@@ -391,6 +446,8 @@ def _train_locked(cfg: DQNConfig | None, run_dir: Path, resume: bool, progress: 
     finally:
         metrics.close()
         plasticity.close()
+        if interventions is not None:
+            interventions.close()
         env.close()
         eval_env.close()
         if reg is not None:

@@ -104,6 +104,12 @@ def _legend_beside(fig: Any, ax: Any) -> None:
 
 
 def label(cfg: DQNConfig) -> str:
+    if cfg.intervention.value != "none":
+        base = (
+            "" if cfg.reg is Reg.none else f"{label(type(cfg).from_dict({**cfg.to_dict(), 'intervention': 'none'}))}, "
+        )
+        tau = f" τ={cfg.redo_tau:g}" if cfg.intervention.value == "redo" else ""
+        return f"{base}{cfg.intervention.value}{tau} every {cfg.intervention_every}"
     if cfg.reg is Reg.none:
         return "no regularization"
     every = "every update" if cfg.reg_every.value == "update" else "target updates only"
@@ -114,13 +120,15 @@ def label(cfg: DQNConfig) -> str:
 def best_per_penalty(curves: list[GroupCurve]) -> list[GroupCurve]:
     """The baseline and, per penalty (and penalized-layer subset), the setting with the highest
     smoothed mean return."""
-    best: dict[tuple[Reg, tuple[str, ...]], GroupCurve] = {}
+    best: dict[tuple[Reg, tuple[str, ...], str], GroupCurve] = {}
     for c in curves:
-        key = (c.config.reg, c.config.reg_layers)
+        key = (c.config.reg, c.config.reg_layers, c.config.intervention.value)
         if key not in best or c.mean.max() > best[key].mean.max():
             best[key] = c
     order = list(Reg)
-    return sorted(best.values(), key=lambda c: (order.index(c.config.reg), c.config.reg_layers))
+    return sorted(
+        best.values(), key=lambda c: (order.index(c.config.reg), c.config.reg_layers, c.config.intervention.value)
+    )
 
 
 def _selected(curves: list[GroupCurve]) -> list[GroupCurve]:
@@ -248,8 +256,12 @@ def _plasticity_figure(plt: Any, runs: list[Run], env: str, out: Path, palette: 
                 what = "no dead units" if metric == "dead_fraction" else "its units are the outputs"
                 ax.text(0.5, 0.5, f"output layer: no activation,\n{what}", ha="center", va="center", fontsize=8)
                 continue
+            before = plasticity_series(runs, metric, layer, before=True)
             for group, (steps, values) in sorted(plasticity_series(runs, metric, layer).items()):
-                ax.plot(steps, values, label=names[group], color=palette(group), linestyle=style(configs[group]))
+                color = palette(group)
+                ax.plot(steps, values, label=names[group], color=color, linestyle=style(configs[group]))
+                if group in before:  # interventions: ▼ right before, the line right after
+                    ax.plot(*before[group], "v", ms=3, color=color, label=f"{names[group]}, before")
             ax.set_title(f"layer {j + 1} ({layer})", fontsize=9)
             ax.set_ylabel(title)
             if metric in ("dead_fraction", "grad_dormant_fraction"):

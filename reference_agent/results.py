@@ -29,6 +29,11 @@ class Run:
     """Malformed records skipped while reading (one line per file)."""
     step: int = 0
     """Environment steps taken (``status.json``; else the last record's step)."""
+    interventions: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    """Records of interventions.jsonl (empty without one)."""
+    plasticity_before: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    """Plasticity rows taken right before each intervention (``phase = "before"``); ``plasticity``
+    holds the others, so it has one report per step (the one after an intervention)."""
 
     @property
     def group(self) -> str:
@@ -47,6 +52,7 @@ def load_run(path: Path) -> Run:
         raise ValueError(f"{path / rundir.CONFIG}: {err}") from None
     metrics = rundir.read_jsonl(path / rundir.METRICS)
     plasticity = rundir.read_jsonl(path / rundir.PLASTICITY)
+    interventions = rundir.read_jsonl(path / rundir.INTERVENTIONS)
     status = rundir.read_json(path / rundir.STATUS) if (path / rundir.STATUS).exists() else {}
     status = status if isinstance(status, dict) else {}
     last = max((r["step"] for r in metrics), default=0)
@@ -57,8 +63,10 @@ def load_run(path: Path) -> Run:
         state=status.get("state"),
         evals=[(r["step"], r["return_mean"]) for r in metrics if r["kind"] == "eval"],
         updates=[r for r in metrics if r["kind"] == "update"],
-        plasticity=plasticity.records,
-        problems=[p for p in (metrics.problem(), plasticity.problem()) if p],
+        plasticity=[r for r in plasticity.records if r.get("phase") != "before"],
+        plasticity_before=[r for r in plasticity.records if r.get("phase") == "before"],
+        interventions=interventions.records,
+        problems=[p for p in (metrics.problem(), plasticity.problem(), interventions.problem()) if p],
         step=step if isinstance(step, int) and not isinstance(step, bool) else last,
     )
 
@@ -144,11 +152,14 @@ def summarize(curves: list[GroupCurve]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (r["env"], -r["best_mean"]))
 
 
-def plasticity_series(runs: list[Run], metric: str, layer: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per configuration: (steps, values averaged over seeds) of one plasticity metric."""
+def plasticity_series(
+    runs: list[Run], metric: str, layer: str, before: bool = False
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per configuration: (steps, values averaged over seeds) of one plasticity metric (with
+    ``before=True``: of the reports taken right before each intervention)."""
     acc: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
-        for row in run.plasticity:
+        for row in run.plasticity_before if before else run.plasticity:
             if row["metric"] == metric and row["layer"] == layer and row["value"] is not None:
                 acc[run.group][row["step"]].append(row["value"])
     return {g: (np.array(sorted(d)), np.array([float(np.mean(d[s])) for s in sorted(d)])) for g, d in acc.items()}

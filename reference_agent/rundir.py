@@ -6,6 +6,7 @@ Layout of ``OUT/<run-name>/`` (see docs/file-formats.md)::
     status.json        {"state": running|finished|interrupted|diverged|failed, "step", "message", …}
     metrics.jsonl      one JSON object per line: {"step", "kind": train_episode|update|eval, …}
     plasticity.jsonl   long rows: {"step", "network", "layer", "index", "metric", "value"}
+    interventions.jsonl one record per intervention (step, kind, units reset per layer, dormant before/after)
     checkpoint.pt      see reference_agent.checkpoint
 """
 
@@ -28,6 +29,7 @@ CONFIG = "config.json"
 STATUS = "status.json"
 METRICS = "metrics.jsonl"
 PLASTICITY = "plasticity.jsonl"
+INTERVENTIONS = "interventions.jsonl"
 CHECKPOINT = "checkpoint.pt"
 LOCK = ".lock"
 TMP_SUFFIX = ".tmp"

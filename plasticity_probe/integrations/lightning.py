@@ -113,3 +113,60 @@ class ProbeCallback(L.Callback):
         self.last_report = report
         values = {f"plasticity/{r['layer']}/{r['metric']}": float(r["value"]) for r in report.rows()}
         pl_module.log_dict(values, on_step=True, on_epoch=False)
+
+
+class InterventionCallback(L.Callback):
+    """Every ``every`` training steps, apply an intervention to ``pl_module`` with the trainer's
+    (first) optimizer, on the current batch's input.
+
+    Args:
+        intervention: ``"redo"`` (:class:`~plasticity_probe.interventions.ReDo` on the batch
+            input), ``"shrink-perturb"``, or ``fn(pl_module, optimizer, x) -> ResetRecord``.
+        every: training steps (``trainer.global_step``) between interventions.
+        tau: ReDo's τ; shrink, perturb: Shrink & Perturb's λ and σ.
+        seed: with the step, seeds the fresh initializations.
+        input_fn: picks the model input from a batch (default: :func:`first_tensor`).
+
+    ``records`` holds ``(global_step, ResetRecord)``; ``interventions/units_reset`` is logged.
+    """
+
+    def __init__(
+        self,
+        intervention: str | Callable[..., Any] = "redo",
+        every: int = 1000,
+        tau: float = 0.025,
+        shrink: float = 0.8,
+        perturb: float = 0.01,
+        seed: int = 0,
+        input_fn: Callable[[Any], torch.Tensor] = first_tensor,
+    ) -> None:
+        super().__init__()
+        if every < 1:
+            raise ValueError("every must be >= 1")
+        if isinstance(intervention, str) and intervention not in ("redo", "shrink-perturb"):
+            raise ValueError(f"unknown intervention {intervention!r}; use 'redo', 'shrink-perturb' or a callable")
+        self.intervention, self.every, self.tau = intervention, every, tau
+        self.shrink, self.perturb, self.seed, self.input_fn = shrink, perturb, seed, input_fn
+        self.records: list[tuple[int, Any]] = []
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        from plasticity_probe.interventions import ReDo, shrink_perturb
+
+        step = trainer.global_step
+        if step == 0 or step % self.every != 0:
+            return
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        if self.intervention == "redo":
+            record = ReDo(pl_module, optimizer, tau=self.tau).reset(self.input_fn(batch), generator=generator)
+        elif self.intervention == "shrink-perturb":
+            record = shrink_perturb(pl_module, self.shrink, self.perturb, optimizer=optimizer, generator=generator)
+        else:
+            assert callable(self.intervention)
+            record = self.intervention(pl_module, optimizer, self.input_fn(batch))
+        self.records.append((step, record))
+        if trainer.logger is not None:
+            pl_module.log("interventions/units_reset", float(record.units_reset), on_step=True, on_epoch=False)
+
+
+__all__ += ["InterventionCallback"]

@@ -228,3 +228,77 @@ class RegularizedDQN(DQN):
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
         self.logger.record("train/loss", float(np.mean(losses)))
         self.logger.record("train/penalty", float(np.mean(penalties)))
+
+
+class InterventionCallback(BaseCallback):
+    """Every ``every`` timesteps, apply an intervention to each network of the policy (those of
+    :func:`probed_networks`) with its optimizer (``net.optimizer`` or ``policy.optimizer``), on a
+    fresh batch of observations from the replay or rollout buffer.
+
+    Args:
+        intervention: ``"redo"`` (:class:`~plasticity_probe.interventions.ReDo`),
+            ``"shrink-perturb"`` (:func:`~plasticity_probe.interventions.shrink_perturb`), or
+            ``fn(name, net, optimizer, obs) -> ResetRecord``.
+        every: timesteps between interventions (for PPO/A2C, a multiple of ``n_steps`` applies
+            it at the end of a rollout).
+        batch_size: observations scored by ReDo.
+        tau: ReDo's τ; shrink, perturb: Shrink & Perturb's λ and σ.
+        seed: with the timestep, seeds the batch draw and the fresh initializations.
+
+    ``records`` holds ``(num_timesteps, record)`` (one per network); the units reset go to SB3's logger as
+    ``interventions/<network>/units_reset``. ReDo calls a network on observations alone, so a
+    critic that needs actions (SAC/TD3) is skipped by ``"redo"``.
+    """
+
+    def __init__(
+        self,
+        intervention: str | Any = "redo",
+        every: int = 10_000,
+        batch_size: int = 256,
+        tau: float = 0.025,
+        shrink: float = 0.8,
+        perturb: float = 0.01,
+        seed: int = 0,
+        verbose: int = 0,
+    ) -> None:
+        super().__init__(verbose)
+        if every < 1 or batch_size < 1:
+            raise ValueError("every and batch_size must be >= 1")
+        if isinstance(intervention, str) and intervention not in ("redo", "shrink-perturb"):
+            raise ValueError(f"unknown intervention {intervention!r}; use 'redo', 'shrink-perturb' or a callable")
+        self.intervention, self.every, self.batch_size = intervention, every, batch_size
+        self.tau, self.shrink, self.perturb, self.seed = tau, shrink, perturb, seed
+        self.records: list[tuple[int, Any]] = []
+
+    def _observations(self) -> Any:
+        probe = ProbeCallback(batch_size=self.batch_size, seed=self.seed * 1_000_003 + self.num_timesteps)
+        probe.model = self.model
+        drawn = probe._draw_batch()
+        return drawn[0] if drawn is not None else None
+
+    def _on_step(self) -> bool:
+        from plasticity_probe.interventions import ReDo, shrink_perturb
+
+        if self.num_timesteps % self.every != 0:
+            return True
+        obs = self._observations()
+        if obs is None:
+            return True
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.num_timesteps)
+        for name, net in probed_networks(self.model.policy).items():
+            optimizer = getattr(net, "optimizer", None) or getattr(self.model.policy, "optimizer", None)
+            if self.intervention == "redo":
+                if name == "critic":
+                    continue
+                record = ReDo(net, optimizer, tau=self.tau).reset(obs, generator=generator)
+            elif self.intervention == "shrink-perturb":
+                record = shrink_perturb(net, self.shrink, self.perturb, optimizer=optimizer, generator=generator)
+            else:
+                assert callable(self.intervention)
+                record = self.intervention(name, net, optimizer, obs)
+            self.records.append((self.num_timesteps, record))
+            self.logger.record(f"interventions/{name}/units_reset", record.units_reset)
+        return True
+
+
+__all__ += ["InterventionCallback"]
