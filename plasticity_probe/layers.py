@@ -89,10 +89,12 @@ _ELEMENTWISE_BINARY = frozenset(
 _NEUTRAL = frozenset(
     {
         "__get__", "size", "dim", "numel", "stride", "is_contiguous", "data_ptr", "element_size", "ndimension",
-        "nelement", "__len__", "is_floating_point", "get_device", "__format__", "__repr__", "detach", "clone",
+        "nelement", "__len__", "is_floating_point", "get_device", "__format__", "__repr__",
         "_set_grad_enabled", "requires_grad_", "retain_grad", "__bool__", "item", "tolist", "numpy", "cpu",
     }
 )  # fmt: skip
+# Copies for a side use: neither extend nor end a chain, but carry the data's provenance.
+_COPIES = frozenset({"detach", "clone"})
 # Ops that move data without mixing units (the route a consumer sees; see Consumer).
 _RESHAPES = frozenset({"flatten", "view", "reshape", "unflatten"})
 _DROPOUTS = frozenset({"dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d"})
@@ -508,6 +510,12 @@ class DataFlowTracer:
         name = getattr(func, "__name__", "")
         if name in _NEUTRAL:
             return func(*args, **(kwargs or {}))
+        if name in _COPIES:
+            result = func(*args, **(kwargs or {}))
+            prov = self._prov.get(id(args[0])) if args else None
+            if prov and isinstance(result, torch.Tensor):
+                self._set_prov(result, prov)
+            return result
         tensors = _tensors(args, kwargs)
         chain: _Chain | None = None
         sources: dict[tuple[str, str], None] = {}

@@ -586,9 +586,6 @@ def test_redo_skips_layouts_it_cannot_verify() -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True, reason="layers.py: clone()/detach() of features drop the provenance (a consumer is lost)"
-)
 def test_consumer_through_clone_is_seen() -> None:
     from plasticity_probe.layers import DataFlowTracer
 
