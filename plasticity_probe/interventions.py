@@ -47,6 +47,9 @@ __all__ = [
     "unit_scores",
 ]
 
+_UNIT_MIXING_OPS = frozenset({"layer_norm", "group_norm", "rms_norm", "normalize", "local_response_norm"})
+"""Chain ops (``LayerInfo.chain``) that normalize over the units of a sample, with or without
+parameters (``F.layer_norm``, a LayerNorm without affine)."""
 _UNIT_MIXING_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm)
 """Normalizations whose statistics run over the units of one sample: re-initializing one unit
 changes every unit's features, so ReDo skips a layer with one of them in its feature chain."""
@@ -451,6 +454,9 @@ class ReDo:
                 "permute, pooling, …): which inputs are its units is unknown",
                 None,
             )
+        mixing = [op for op in info.chain if op in _UNIT_MIXING_OPS]
+        if mixing:
+            return f"{mixing[0]} in its feature chain normalizes over the units: one reset changes every unit", None
         chain, problem = self._chain_modules(info, units, modules)
         if problem is not None:
             return problem, None

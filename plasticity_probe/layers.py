@@ -111,6 +111,8 @@ class LayerInfo:
     kind: str
     module: nn.Module = field(repr=False, compare=False)
     params: tuple[str, ...] = ()
+    chain: tuple[str, ...] = ()
+    """The ops its features went through after its output (first call), e.g. ``("batch_norm", "relu")``."""
 
 
 @dataclass(frozen=True)
@@ -304,7 +306,7 @@ class _Chain:
     the head's version counter when the chain ended (``None`` while open), and a copy taken
     only when an in-place op was about to change the ended head."""
 
-    __slots__ = ("ended_at", "head", "layer", "origin", "snapshot")
+    __slots__ = ("ended_at", "head", "layer", "ops", "origin", "snapshot")
 
     def __init__(self, layer: str, head: torch.Tensor, keep_origin: bool) -> None:
         self.layer = layer
@@ -312,6 +314,7 @@ class _Chain:
         self.head = head
         self.ended_at: int | None = None
         self.snapshot: torch.Tensor | None = None
+        self.ops: list[str] = []
 
 
 _ROUTE_RANK = {"direct": 0, "reshape": 1, "mixed": 2}
@@ -563,6 +566,7 @@ class DataFlowTracer:
                 self._chain_of[id(out)] = chain
             chain.ended_at = None
             chain.snapshot = None
+            chain.ops.append(name[:-1] if name.endswith("_") and not name.startswith("__") else name)
             for p in static:
                 pname = self._param_names.get(id(p))  # buffers (running statistics) have none
                 if pname is not None:
@@ -677,6 +681,7 @@ class DataFlowTracer:
             LayerInfo(
                 name, index, self._kinds[name], self.candidates[name],
                 tuple(dict.fromkeys(self._own_names[name] + tuple(applied.get(name, ())))),
+                tuple(self._calls[name][0].ops) if self._calls.get(name) else (),
             )
             for index, name in enumerate(self._order, start=1)
         ]  # fmt: skip

@@ -602,3 +602,23 @@ def test_consumer_through_clone_is_seen() -> None:
     with tracer.record(), torch.no_grad():
         tracer.model(torch.randn(5, 3))
     assert {c.layer for c in tracer.trace().consumers["a"]} == {"b", "c"}
+
+
+def test_a_parameter_free_layer_norm_in_the_chain_is_seen() -> None:
+    class FreeNorm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.relu(nn.functional.layer_norm(self.a(x), (4,))))
+
+    model = FreeNorm()
+    with torch.no_grad():
+        model.a.bias[:2] = -100.0
+    before = copy.deepcopy(model)
+    record = pp.ReDo(model).reset(torch.randn(6, 3))
+    assert "layer_norm" in {s.layer: s.reason for s in record.skipped}["a"]
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before.parameters(), strict=True))
+    trace_layers = pp.discover_layers(model, torch.randn(2, 3))[0]
+    assert trace_layers[0].chain == ("layer_norm", "relu")
