@@ -446,9 +446,7 @@ def claims(
         DecisionStatistic,
         typer.Option(help="What a comparison is decided on: probability of improvement, or IQM / mean difference."),
     ] = DecisionStatistic.poi,
-    min_seeds: Annotated[
-        int, typer.Option(min=2, help="Seeds a configuration needs to take part in a verdict.")
-    ] = 5,
+    min_seeds: Annotated[int, typer.Option(min=2, help="Seeds a configuration needs to take part in a verdict.")] = 5,
     min_updates: Annotated[
         int,
         typer.Option(
@@ -489,8 +487,6 @@ def claims(
         table.add_column(col)
     for v in verdicts:
         verdict = f"{v.verdict}\n({v.caveat})" if v.caveat else v.verdict
-        decisive = (
-            f"{v.estimate:.3g} [{v.low:.3g}, {v.high:.3g}]\n{v.statistic}" if v.estimate is not None else ""
-        )
+        decisive = f"{v.estimate:.3g} [{v.low:.3g}, {v.high:.3g}]\n{v.statistic}" if v.estimate is not None else ""
         table.add_row(Text(v.claim), Text(verdict), Text(decisive), Text(v.evidence))
     console.print(table)

@@ -10,19 +10,13 @@ runs (``PAPER_UPDATES``) carries a ``caveat``: such runs can exercise the code, 
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
 
 import plasticity_probe as pp
 from reference_agent import rundir
 from reference_agent.checkpoint import load_checkpoint
-from reference_agent.config import DQNConfig, Reg
 from reference_agent.network import QNetwork
-from reference_agent.results import GroupCurve, Run, group_curves
+from reference_agent.results import Run
 
 SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, NO_DATA = "supported", "not supported", "inconclusive", "no data"
 

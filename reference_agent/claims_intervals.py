@@ -224,14 +224,16 @@ def _one_pair_text(a: Stratum, b: Stratum, rules: Rules, digits: int) -> str:
     poi = stats.improvement([a.scores, b.scores], [(0, 1)], seed=rules.seed)
     ia = stats.aggregate([a.scores], "iqm", seed=rules.seed)
     ib = stats.aggregate([b.scores], "iqm", seed=rules.seed)
-    return (
-        f"{a.name} (n={a.n}) IQM {ia.text(digits)} vs {b.name} (n={b.n}) IQM {ib.text(digits)}: "
-        f"P = {poi.text(2)}"
-    )
+    return f"{a.name} (n={a.n}) IQM {ia.text(digits)} vs {b.name} (n={b.n}) IQM {ib.text(digits)}: P = {poi.text(2)}"
 
 
 def pairs_claim(
-    title: str, pairs: list[tuple[Stratum, Stratum]], rules: Rules, what: _Comparison, missing: str, source: str = "paper"
+    title: str,
+    pairs: list[tuple[Stratum, Stratum]],
+    rules: Rules,
+    what: _Comparison,
+    missing: str,
+    source: str = "paper",
 ) -> Claim:
     """Decide "X beats Y" over matched pairs (X first in each pair)."""
     if not pairs:

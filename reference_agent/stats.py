@@ -196,9 +196,7 @@ def _pooled(stat: Callable[..., Any]) -> Callable[..., Any]:
     return pooled
 
 
-def aggregate(
-    strata: Sequence[ArrayLike], statistic: str = "iqm", name: str = "", *, seed: int = SEED
-) -> Interval:
+def aggregate(strata: Sequence[ArrayLike], statistic: str = "iqm", name: str = "", *, seed: int = SEED) -> Interval:
     """IQM (or mean) of the scores of every run of every stratum pooled, as ``rliable``'s
     aggregate metrics, with the stratified bootstrap interval (seeds resampled within each
     stratum). With one stratum: the IQM over its seeds and the ordinary bootstrap interval."""

@@ -173,7 +173,10 @@ def test_stratified_resampling_variance_is_the_closed_form() -> None:
     # PoI averaged over matched pairs: the pairs' strata are resampled independently
     both = stats.improvement(strata, [(0, 2), (1, 0)])
     assert both.estimate == pytest.approx(
-        (stats.probability_of_improvement(strata[0], strata[2]) + stats.probability_of_improvement(strata[1], strata[0]))
+        (
+            stats.probability_of_improvement(strata[0], strata[2])
+            + stats.probability_of_improvement(strata[1], strata[0])
+        )
         / 2
     )
 
