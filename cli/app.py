@@ -143,6 +143,9 @@ class Preset(str, Enum):
     paper_lunarlander = "paper-lunarlander"
     paper_cartpole = "paper-cartpole"
     paper_mountaincar = "paper-mountaincar"
+    paper5 = "paper5"
+    definitive = "definitive"
+    alternatives = "alternatives"
 
 
 @app.command()
@@ -150,14 +153,21 @@ class Preset(str, Enum):
 def sweep(
     preset: Annotated[
         Preset | None,
-        typer.Option(help="One of the paper's grids; smoke: paper-cartpole in 5,000 steps (a minute)."),
+        typer.Option(
+            help="One of the paper's grids; smoke: paper-cartpole in 5,000 steps (a minute); paper5: paper with "
+            "5 seeds; definitive: issue 14's rerun (paper grids with 10 seeds on LunarLander and CartPole, 5 on "
+            "MountainCar, plus alternatives); alternatives: authors'-code variants, L2 δ=1, ReDo, Shrink & Perturb."
+        ),
     ] = None,
     grid: Annotated[Path | None, typer.Option(help=escape("JSON/TOML file of field = [values]."))] = None,
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", help="A grid axis key=v1,v2 (repeatable); with --preset, overrides its runs."),
     ] = None,
-    seeds: Annotated[int, typer.Option(min=1, help="Seeds per configuration.")] = 2,
+    seeds: Annotated[
+        int | None,
+        typer.Option(min=1, help="Seeds per configuration (default: 2; 5 for paper5, definitive, alternatives)."),
+    ] = None,
     steps: Annotated[
         int | None,
         typer.Option(
@@ -181,6 +191,8 @@ def sweep(
 
       probe sweep --preset paper-cartpole --workers 2
 
+      probe sweep --preset definitive --out sweeps/definitive   # issue 14's rerun
+
       probe sweep --preset paper-cartpole --steps 20000 --set lam=0.001,0.01
 
       probe sweep --set env_id=CartPole-v1 --set reg=l2,l2init --set delta=1,1.25 --steps 30000
@@ -194,9 +206,12 @@ def sweep(
     if preset is None and not axes:
         raise fail("give --preset NAME, --grid FILE or --set key=v1,v2")
     if preset is not None:
-        configs = sw.apply_grid(sw.PRESETS[preset.value](seeds), axes)
+        for text in sw.preset_notes(preset.value):
+            warn(text)
+        n_seeds = seeds if seeds is not None else sw.PRESET_SEEDS.get(preset.value, 2)
+        configs = sw.apply_grid(sw.PRESETS[preset.value](n_seeds), axes)
     else:
-        configs = sw.expand_grid(axes, seeds)
+        configs = sw.expand_grid(axes, seeds if seeds is not None else 2)
     if steps is not None:
         configs = [sw.scale_steps(c, steps, keep=axes) for c in configs]
     for text in sorted({w for c in configs for w in config_warnings(c)}):
