@@ -478,7 +478,7 @@ def claims(
 
     Examples:
 
-      probe claims sweeps/paper5 sweeps/paper10
+      probe claims sweeps/definitive
 
       probe claims sweeps/paper5 --statistic iqm --json
 

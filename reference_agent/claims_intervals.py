@@ -177,7 +177,8 @@ def _few(items: list[Stratum], rules: Rules) -> str:
 
 
 def _caveat(items: list[Stratum], rules: Rules) -> str:
-    marks = [c] if (c := caveat([r for s in items for r in s.runs])) else []
+    unique = {s.group: s for s in items}  # a baseline in several pairs counts once
+    marks = [c] if (c := caveat([r for s in unique.values() for r in s.runs])) else []
     if rules.min_seeds < MIN_SEEDS:
         marks.append(f"as few as {min(s.n for s in items)} seeds per configuration: intervals too narrow")
     return "; ".join(marks)

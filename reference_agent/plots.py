@@ -270,7 +270,7 @@ def _plasticity_figure(plt: Any, runs: list[Run], env: str, out: Path, palette: 
                 ax.set_ylim(bottom=0)
             _steps_axis(ax)
             ax.grid(alpha=0.3)
-    fig.suptitle(f"{env}: plasticity metrics on the fixed probe batch ({BAND_NOTE})")
+    fig.suptitle(f"{env}: plasticity metrics on the fixed probe batch ({BAND_NOTE})", y=1.0, va="bottom")
     _legend_beside(fig, _AllLines(axes))
     paths = _save(fig, out, f"plasticity_{env}")
     plt.close(fig)
@@ -365,7 +365,7 @@ def _final_figure(plt: Any, curves: list[GroupCurve], env: str, out: Path, palet
         ci = stats.aggregate([final], "iqm") if final.size >= 2 and np.all(np.isfinite(final)) else None
         rows.append((c, final, float(stats.iqm(final)), ci))
     rows.sort(key=lambda r: r[2])
-    fig, ax = plt.subplots(figsize=(8, 0.9 + 0.32 * len(rows)))
+    fig, ax = plt.subplots(figsize=(8, 1.6 + 0.32 * len(rows)))
     for y, (c, final, point, ci) in enumerate(rows):
         colour = palette(c.group)
         if ci is not None:
