@@ -121,9 +121,9 @@ def refuse(runs: list[Run], rules: Rules) -> tuple[list[Run], list[str]]:
 # ---------------------------------------------------------------- configurations -------------
 
 
-@dataclass
+@dataclass(eq=False)
 class Stratum:
-    """One configuration: its runs and one score per run."""
+    """One configuration: its runs and one score per run (compared by identity)."""
 
     group: str
     config: DQNConfig

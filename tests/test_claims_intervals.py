@@ -149,6 +149,16 @@ def test_few_seeds_and_short_runs_give_no_data_with_the_reason(tmp_path: Path) -
     assert lowered["verdict"] == "supported" and lowered["caveat"].startswith("too short to test: 10/10 runs")
 
 
+def test_pairs_with_too_few_seeds_are_left_out_of_the_interval(tmp_path: Path) -> None:
+    delta_sweep(tmp_path, {(1.25, "update"): 30.0, (0.75, "update"): 10.0})
+    for s in range(2):  # a second pair, 2 seeds only, going the other way
+        write_run(tmp_path, 0.0 + noise(s), seed=s, reg="l2", delta=1.25, reg_every="target")
+        write_run(tmp_path, 50.0 + noise(s), seed=s, reg="l2", delta=0.75, reg_every="target")
+    v = verdicts(tmp_path)[DELTA]
+    assert v["verdict"] == "supported" and v["seeds"] == [5, 5] and v["estimate"] == 1.0
+    assert "1 pair(s) left out: fewer than 5 seeds" in v["evidence"] and "l2_lam0.01_d1.25_target (2)" in v["evidence"]
+
+
 def test_runs_that_never_learned_are_left_out(tmp_path: Path) -> None:
     write_run(tmp_path, 0.0, seed=0, steps=3_000, learning_starts=20_000)
     runs = find_runs([tmp_path])
