@@ -143,6 +143,9 @@ class Preset(str, Enum):
     paper_lunarlander = "paper-lunarlander"
     paper_cartpole = "paper-cartpole"
     paper_mountaincar = "paper-mountaincar"
+    paper5 = "paper5"
+    definitive = "definitive"
+    alternatives = "alternatives"
 
 
 @app.command()
@@ -150,14 +153,21 @@ class Preset(str, Enum):
 def sweep(
     preset: Annotated[
         Preset | None,
-        typer.Option(help="One of the paper's grids; smoke: paper-cartpole in 5,000 steps (a minute)."),
+        typer.Option(
+            help="One of the paper's grids; smoke: paper-cartpole in 5,000 steps (a minute); paper5: paper with "
+            "5 seeds; definitive: issue 14's rerun (paper grids with 10 seeds on LunarLander and CartPole, 5 on "
+            "MountainCar, plus alternatives); alternatives: authors'-code variants, L2 δ=1, ReDo, Shrink & Perturb."
+        ),
     ] = None,
     grid: Annotated[Path | None, typer.Option(help=escape("JSON/TOML file of field = [values]."))] = None,
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", help="A grid axis key=v1,v2 (repeatable); with --preset, overrides its runs."),
     ] = None,
-    seeds: Annotated[int, typer.Option(min=1, help="Seeds per configuration.")] = 2,
+    seeds: Annotated[
+        int | None,
+        typer.Option(min=1, help="Seeds per configuration (default: 2; 5 for paper5, definitive, alternatives)."),
+    ] = None,
     steps: Annotated[
         int | None,
         typer.Option(
@@ -181,6 +191,8 @@ def sweep(
 
       probe sweep --preset paper-cartpole --workers 2
 
+      probe sweep --preset definitive --out sweeps/definitive   # issue 14's rerun
+
       probe sweep --preset paper-cartpole --steps 20000 --set lam=0.001,0.01
 
       probe sweep --set env_id=CartPole-v1 --set reg=l2,l2init --set delta=1,1.25 --steps 30000
@@ -194,9 +206,10 @@ def sweep(
     if preset is None and not axes:
         raise fail("give --preset NAME, --grid FILE or --set key=v1,v2")
     if preset is not None:
-        configs = sw.apply_grid(sw.PRESETS[preset.value](seeds), axes)
+        n_seeds = seeds if seeds is not None else sw.PRESET_SEEDS.get(preset.value, 2)
+        configs = sw.apply_grid(sw.PRESETS[preset.value](n_seeds), axes)
     else:
-        configs = sw.expand_grid(axes, seeds)
+        configs = sw.expand_grid(axes, seeds if seeds is not None else 2)
     if steps is not None:
         configs = [sw.scale_steps(c, steps, keep=axes) for c in configs]
     for text in sorted({w for c in configs for w in config_warnings(c)}):
@@ -333,19 +346,25 @@ def diff_cmd(
     analyze([a, b], obs=None, model=None, hessian=False, gradients=False, json_=json_, max_memory=2.0)
 
 
+def _ci(row: dict[str, Any], name: str) -> str:
+    point, low, high = row[f"final_{name}"], row[f"final_{name}_low"], row[f"final_{name}_high"]
+    return f"{point:.1f} [{low:.1f}, {high:.1f}]" if low is not None else f"{point:.1f} (1 seed)"
+
+
 def _summary_table(rows: list[dict[str, Any]], window: int) -> Table:
     table = Table(
-        title=f"evaluation return, smoothed by a simple moving average over {window} evaluations (SMA {window}): "
-        "mean ± half-range over seeds"
+        title=f"final return = mean evaluation return over the last {window} evaluations: IQM and mean over seeds "
+        "[95 % bootstrap CI]; best = max of the SMA-smoothed mean curve ± half-range over seeds"
     )
-    for col in ("env", "config", "seeds", "final", "best", "best at step"):
+    for col in ("env", "config", "seeds", "final IQM [95% CI]", "final mean [95% CI]", "best", "best at step"):
         table.add_column(col, justify="left" if col in ("env", "config") else "right")
     for r in rows:
         table.add_row(
             Text(r["env"]),
             Text(r["config"]),
             str(r["seeds"]),
-            f"{r['final_mean']:.1f} ± {r['final_spread']:.1f}",
+            _ci(r, "iqm"),
+            _ci(r, "mean"),
             f"{r['best_mean']:.1f} ± {r['best_spread']:.1f}",
             f"{r['best_step']:,}",
         )
@@ -371,7 +390,8 @@ def summarize(
     csv_out: Annotated[Path | None, typer.Option("--csv", help="Also write the table to this CSV file.")] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Final and best smoothed evaluation return per configuration, over seeds.
+    """Final return per configuration (mean over the last SMOOTH evaluations): IQM and mean over
+    seeds with 95 % stratified bootstrap confidence intervals, and the best smoothed return.
 
     Example:
 
@@ -400,7 +420,9 @@ def plot(
     smooth: Annotated[int, typer.Option(min=1, help="Simple-moving-average window, in evaluations.")] = 3,
 ) -> None:
     """Draw the paper's figures (evaluation return, δ × frequency, per-layer plasticity, Q-values,
-    curvature) and write summary.csv, curves.csv and plasticity.csv beside them.
+    curvature) with 95 % bootstrap bands over seeds, and write summary.csv, curves.csv,
+    plasticity.csv and runs.csv (one row per run: its final return and end-of-training metrics)
+    beside them.
 
     Example:
 
@@ -414,44 +436,70 @@ def plot(
     results.write_csv(out / "summary.csv", rows)
     results.write_csv(out / "curves.csv", results.curve_rows(runs))
     results.write_csv(out / "plasticity.csv", results.plasticity_rows(runs))
+    results.write_csv(out / "runs.csv", results.run_rows(runs, smooth))
     if rows:
         console.print(_summary_table(rows, smooth))
-    say(f"{len(written)} figures and 3 CSV files in {out}")
+    say(f"{len(written)} figures and 4 CSV files in {out}")
+
+
+class DecisionStatistic(str, Enum):
+    poi = "poi"
+    iqm = "iqm"
+    mean = "mean"
 
 
 @app.command()
 @user_errors
 def claims(
     dirs: Annotated[list[Path], typer.Argument(help="Sweep or run directories (the paper presets).")],
-    smooth: Annotated[int, typer.Option(min=1, help="Simple-moving-average window, in evaluations.")] = 3,
+    last: Annotated[
+        int, typer.Option(min=1, help="k: a run's final return is its mean evaluation return over the last k.")
+    ] = 3,
+    statistic: Annotated[
+        DecisionStatistic,
+        typer.Option(help="What a comparison is decided on: probability of improvement, or IQM / mean difference."),
+    ] = DecisionStatistic.poi,
+    min_seeds: Annotated[int, typer.Option(min=2, help="Seeds a configuration needs to take part in a verdict.")] = 5,
+    min_updates: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Gradient steps a run needs (a run of the paper: 80,000); lower it to exercise the code."
+        ),
+    ] = 80_000,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap resampling.")] = 0,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Check the paper's claims against finished runs: supported, not supported, inconclusive or
-    no data. Runs that never took a gradient step are left out (with a warning); verdicts that rest
-    on runs far shorter than the paper's are marked.
+    """Decide the paper's claims from 95 % stratified bootstrap confidence intervals over seeds:
+    supported, not supported, inconclusive, or no data (with the reason). Runs that never took
+    a gradient step or took fewer than --min-updates are left out (with a warning); a
+    configuration needs --min-seeds seeds. The rule is in docs/reproduction.md.
 
-    Example:
+    Examples:
 
-      probe claims sweeps/paper
+      probe claims sweeps/definitive
+
+      probe claims sweeps/paper5 --statistic iqm --json
+
+      probe claims sweeps/smoke --min-updates 1000 --min-seeds 3   # exercises the code, tests nothing
     """
     import dataclasses
     import json
 
-    from reference_agent.claims import check_claims, usable_runs
+    from reference_agent.claims_intervals import Rules, check_claims, refuse
 
-    runs, left_out = usable_runs(_read_runs(dirs))
+    rules = Rules(min_seeds=min_seeds, min_updates=min_updates, last=last, statistic=statistic.value, seed=seed)
+    runs, left_out = refuse(_read_runs(dirs), rules)
     for text in left_out:
         warn(text)
-    verdicts = check_claims(runs, smooth)
-    if not verdicts:
-        raise fail("no runs of the paper's environments with evaluations found")
+    verdicts = check_claims(runs, rules)
     if json_:
         typer.echo(json.dumps([dataclasses.asdict(v) for v in verdicts], indent=2))
         return
-    table = Table(title="the paper's claims against these runs", show_lines=True)
-    for col in ("claim", "verdict", "evidence"):
+    table = Table(title="the paper's claims against these runs (rule: docs/reproduction.md)", show_lines=True)
+    for col in ("claim", "verdict", "statistic [95% CI]", "evidence"):
         table.add_column(col)
     for v in verdicts:
         verdict = f"{v.verdict}\n({v.caveat})" if v.caveat else v.verdict
-        table.add_row(Text(v.claim), Text(verdict), Text(v.evidence))
+        decisive = f"{v.estimate:.3g} [{v.low:.3g}, {v.high:.3g}]\n{v.statistic}" if v.estimate is not None else ""
+        table.add_row(Text(v.claim), Text(verdict), Text(decisive), Text(v.evidence))
     console.print(table)

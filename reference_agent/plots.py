@@ -1,19 +1,24 @@
 """The paper's figures from run or sweep directories (matplotlib, the ``plot`` extra).
 
 Per environment:
-* ``eval_<env>``: evaluation return, simple moving average per seed, mean line and min–max band
-  over seeds;
+* ``eval_<env>``: evaluation return, simple moving average per seed; the IQM over seeds and its
+  95 % bootstrap confidence band (seeds resampled, :func:`reference_agent.stats.curve_band`);
+* ``final_<env>``: the final return of every configuration (mean of the last ``window``
+  evaluations of each run): IQM over seeds with its 95 % stratified bootstrap interval, and each
+  seed as a dot;
 * ``delta_frequency_<env>``: Figure 2 style, one panel per penalty with its δ × frequency
   settings and the baseline, and a last panel with the best setting of each penalty;
-* ``plasticity_<env>``: Figure 1 style, per-layer weight magnitude, effective rank and dead-unit
-  fraction over training;
+* ``plasticity_<env>``: Figure 1 style, per layer over training: weight magnitude, distance from
+  θ_0, effective rank, dead-unit fraction, gradient norm and gradient-dormant fraction, IQM over
+  seeds with 95 % bands;
+* ``trainability_<env>``: the trainability ratio and the gradient-to-weight ratio, with bands;
 * ``qvalues_<env>``: mean Q-values and TD targets over training;
 * ``hessian_<env>``: TD-loss λ_max and λ_min over training, when recorded.
 
 Conventions shared by every figure: one colour per configuration across all figures of a call
 (``Palette``); line style by frequency (solid: every update, dashed: target updates only,
 dotted: no regularization), said in each legend; step axes with thousands separators; every
-axis labelled; legends beside the panels, never over the data; min–max bands drawn light with
+axis labelled; legends beside the panels, never over the data; confidence bands drawn light with
 an outline, so that coinciding bands stay readable.
 """
 
@@ -25,13 +30,15 @@ from typing import Any
 
 import numpy as np
 
+from reference_agent import stats
 from reference_agent.config import DQNConfig, Reg
-from reference_agent.results import GroupCurve, Run, group_curves, plasticity_series
+from reference_agent.results import GroupCurve, Run, group_curves, plasticity_matrix, plasticity_series
 
 FORMATS = ("png", "svg")
 MAX_LINES = 8
 BAND_ALPHA = 0.08
-"""Fill opacity of a min–max band: eight coinciding bands stay below 50% opacity."""
+"""Fill opacity of a confidence band: eight coinciding bands stay below 50% opacity."""
+BAND_NOTE = "line: IQM over seeds, band: 95 % bootstrap CI"
 
 
 def _pyplot() -> Any:
@@ -114,20 +121,24 @@ def label(cfg: DQNConfig) -> str:
         return "no regularization"
     every = "every update" if cfg.reg_every.value == "update" else "target updates only"
     layers = f", layers {'+'.join(cfg.reg_layers)} only" if cfg.reg_layers else ""
-    return f"{cfg.reg.value} λ={cfg.lam:g} δ={cfg.delta:g}, {every}{layers}"
+    authors = ", authors' code" if cfg.reg_variant.value == "authors" else ""
+    return f"{cfg.reg.value} λ={cfg.lam:g} δ={cfg.delta:g}, {every}{layers}{authors}"
 
 
 def best_per_penalty(curves: list[GroupCurve]) -> list[GroupCurve]:
     """The baseline and, per penalty (and penalized-layer subset), the setting with the highest
-    smoothed mean return."""
-    best: dict[tuple[Reg, tuple[str, ...], str], GroupCurve] = {}
+    IQM of the final return over seeds (the selection rule of ``probe claims``)."""
+    best: dict[tuple[Reg, tuple[str, ...], str, str], GroupCurve] = {}
     for c in curves:
-        key = (c.config.reg, c.config.reg_layers, c.config.intervention.value)
-        if key not in best or c.mean.max() > best[key].mean.max():
+        key = (c.config.reg, c.config.reg_layers, c.config.reg_variant.value, c.config.intervention.value)
+        if key not in best or stats.iqm(c.returns[:, -1]) > stats.iqm(best[key].returns[:, -1]):
             best[key] = c
     order = list(Reg)
     return sorted(
-        best.values(), key=lambda c: (order.index(c.config.reg), c.config.reg_layers, c.config.intervention.value)
+        best.values(),
+        key=lambda c: (
+            order.index(c.config.reg), c.config.reg_layers, c.config.reg_variant.value, c.config.intervention.value
+        ),
     )
 
 
@@ -144,15 +155,18 @@ def _save(fig: Any, out: Path, name: str) -> list[Path]:
     return paths
 
 
-def _curve(ax: Any, c: GroupCurve, colour: str) -> None:
-    ax.plot(
-        c.steps, c.mean, label=f"{label(c.config)} (n={c.returns.shape[0]})", color=colour, linestyle=style(c.config)
-    )
-    if c.returns.shape[0] > 1:
-        low, high = c.returns.min(axis=0), c.returns.max(axis=0)
-        ax.fill_between(c.steps, low, high, color=colour, alpha=BAND_ALPHA, linewidth=0)
+def _band(ax: Any, steps: np.ndarray, values: np.ndarray, colour: str, linestyle: str, label: str) -> None:
+    """The IQM over seeds (rows of ``values``) and its 95 % bootstrap band, outlined."""
+    point, low, high = stats.curve_band(values, "iqm")
+    ax.plot(steps, point, label=label, color=colour, linestyle=linestyle)
+    if values.shape[0] > 1:
+        ax.fill_between(steps, low, high, color=colour, alpha=BAND_ALPHA, linewidth=0)
         for edge in (low, high):
-            ax.plot(c.steps, edge, color=colour, alpha=0.35, linewidth=0.5, linestyle=style(c.config))
+            ax.plot(steps, edge, color=colour, alpha=0.35, linewidth=0.5, linestyle=linestyle)
+
+
+def _curve(ax: Any, c: GroupCurve, colour: str) -> None:
+    _band(ax, c.steps, c.returns, colour, style(c.config), f"{label(c.config)} (n={c.returns.shape[0]})")
 
 
 def _eval_axes(ax: Any, title: str, window: int) -> None:
@@ -179,10 +193,11 @@ def plot_runs(runs: list[Run], out: Path, window: int = 3) -> list[Path]:
             fig, ax = plt.subplots(figsize=(7, 4.5))
             for c in chosen:
                 _curve(ax, c, palette(c.group))
-            _eval_axes(ax, f"{env}: evaluation return (mean, band = min–max over seeds)", window)
+            _eval_axes(ax, f"{env}: evaluation return ({BAND_NOTE})", window)
             _legend_beside(fig, ax)
             written += _save(fig, out, f"eval_{env}")
             plt.close(fig)
+            written += _final_figure(plt, curves, env, out, palette, window)
         penalties = [r for r in Reg if r is not Reg.none and sum(c.config.reg is r for c in curves) > 1]
         if penalties:
             fig, axes = plt.subplots(1, len(penalties) + 1, figsize=(5 * (len(penalties) + 1), 4.2), sharey=True)
@@ -194,7 +209,7 @@ def plot_runs(runs: list[Run], out: Path, window: int = 3) -> list[Path]:
             for c in best_per_penalty(curves):
                 _curve(axes[-1], c, palette(c.group))
             _eval_axes(axes[-1], "best of each penalty", window)
-            fig.suptitle(f"{env}: δ and regularization frequency (mean, band = min–max over seeds)")
+            fig.suptitle(f"{env}: δ and regularization frequency ({BAND_NOTE})")
             _legend_beside(fig, _AllLines(axes))
             written += _save(fig, out, f"delta_frequency_{env}")
             plt.close(fig)
@@ -257,18 +272,17 @@ def _plasticity_figure(plt: Any, runs: list[Run], env: str, out: Path, palette: 
                 ax.text(0.5, 0.5, f"output layer: no activation,\n{what}", ha="center", va="center", fontsize=8)
                 continue
             before = plasticity_series(runs, metric, layer, before=True)
-            for group, (steps, values) in sorted(plasticity_series(runs, metric, layer).items()):
-                color = palette(group)
-                ax.plot(steps, values, label=names[group], color=color, linestyle=style(configs[group]))
+            for group, (steps, values) in sorted(plasticity_matrix(runs, metric, layer).items()):
+                _band(ax, steps, values, palette(group), style(configs[group]), names[group])
                 if group in before:  # interventions: ▼ right before, the line right after
-                    ax.plot(*before[group], "v", ms=3, color=color, label=f"{names[group]}, before")
+                    ax.plot(*before[group], "v", ms=3, color=palette(group), label=f"{names[group]}, before")
             ax.set_title(f"layer {j + 1} ({layer})", fontsize=9)
             ax.set_ylabel(title)
             if metric in ("dead_fraction", "grad_dormant_fraction"):
                 ax.set_ylim(bottom=0)
             _steps_axis(ax)
             ax.grid(alpha=0.3)
-    fig.suptitle(f"{env}: plasticity metrics on the fixed probe batch (mean over seeds)")
+    fig.suptitle(f"{env}: plasticity metrics on the fixed probe batch ({BAND_NOTE})", y=1.0, va="bottom")
     _legend_beside(fig, _AllLines(axes))
     paths = _save(fig, out, f"plasticity_{env}")
     plt.close(fig)
@@ -327,14 +341,59 @@ def _qvalue_figure(plt: Any, runs: list[Run], env: str, out: Path, palette: Pale
 
 
 def _trainability_figure(plt: Any, runs: list[Run], env: str, out: Path, palette: Palette) -> list[Path]:
-    left = plasticity_series(runs, "trainability_ratio", "network")
-    right = plasticity_series(runs, "grad_to_weight_ratio", "network")
+    left = plasticity_matrix(runs, "trainability_ratio", "network")
+    right = plasticity_matrix(runs, "grad_to_weight_ratio", "network")
     if not left:
         return []
-    pairs = {group: (left[group], right.get(group)) for group in left}
+    names = _labels(runs)
+    configs = {r.group: r.config for r in runs}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     titles = ("trainability: final / initial loss on random targets", "TD-loss gradient-to-weight ratio ‖g‖/‖θ‖")
-    suptitle = f"{env}: trainability (lower = more plastic) and step size on the fixed probe batch (mean over seeds)"
-    return _pair_figure(plt, pairs, runs, palette, titles, suptitle, (out, f"trainability_{env}"))
+    for group in sorted(left):
+        colour, ls = palette(group), style(configs[group])
+        _band(axes[0], *left[group], colour, ls, names[group])
+        if group in right:
+            _band(axes[1], *right[group], colour, ls, names[group])
+    for ax, title in zip(axes, titles, strict=True):
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel(title)
+        _steps_axis(ax)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{env}: trainability (lower = more plastic) and step size on the fixed probe batch ({BAND_NOTE})")
+    _legend_beside(fig, axes[0])
+    paths = _save(fig, out, f"trainability_{env}")
+    plt.close(fig)
+    return paths
+
+
+def _final_figure(plt: Any, curves: list[GroupCurve], env: str, out: Path, palette: Palette, window: int) -> list[Path]:
+    """Every configuration's final return: IQM over seeds with its 95 % bootstrap interval (a
+    bar), each seed a dot; best first. The configuration's colour is the one of every figure."""
+    if not curves:
+        return []
+    rows = []
+    for c in curves:
+        final = c.returns[:, -1]
+        ci = stats.aggregate([final], "iqm") if final.size >= 2 and np.all(np.isfinite(final)) else None
+        rows.append((c, final, float(stats.iqm(final)), ci))
+    rows.sort(key=lambda r: r[2])
+    fig, ax = plt.subplots(figsize=(8, 1.6 + 0.32 * len(rows)))
+    for y, (c, final, point, ci) in enumerate(rows):
+        colour = palette(c.group)
+        if ci is not None:
+            ax.plot([ci.low, ci.high], [y, y], color=colour, linewidth=4, alpha=0.45, solid_capstyle="butt")
+        ax.plot([point], [y], marker="|", markersize=14, markeredgewidth=2.5, color=colour, linestyle="none")
+        ax.plot(final, np.full(final.shape, y), marker=".", markersize=4, color="black", alpha=0.5, linestyle="none")
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([f"{label(c.config)} (n={final.size})" for c, final, _, _ in rows], fontsize=7)
+    ax.set_xlabel(f"final return: mean evaluation return over the last {window} evaluations")
+    ax.set_ylabel("configuration")
+    ax.grid(alpha=0.3, axis="x")
+    ax.set_title(f"{env}: final return (tick: IQM over seeds, bar: 95 % bootstrap CI, dots: seeds)", fontsize=10)
+    fig.tight_layout()
+    paths = _save(fig, out, f"final_{env}")
+    plt.close(fig)
+    return paths
 
 
 def _hessian_figure(plt: Any, runs: list[Run], env: str, out: Path, palette: Palette) -> list[Path]:

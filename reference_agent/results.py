@@ -128,28 +128,82 @@ def group_curves(runs: list[Run], window: int = 3) -> list[GroupCurve]:
     return curves
 
 
-def summarize(curves: list[GroupCurve]) -> list[dict[str, Any]]:
-    """Per configuration: seeds, final and best smoothed evaluation return (mean over seeds, and
-    the spread: half the range between seeds)."""
+def summarize(curves: list[GroupCurve], *, seed: int = 0) -> list[dict[str, Any]]:
+    """Per configuration: seeds, final and best smoothed evaluation return.
+
+    The *final return* of a run is the mean of its evaluation returns at its last ``window``
+    evaluations (the smoothed curve's last point, :func:`final_return`). Over seeds: its IQM and
+    mean, each with the 95 % percentile bootstrap confidence interval (``_low``, ``_high``;
+    :mod:`reference_agent.stats`; empty with one seed), and the spread (half the range between
+    seeds). *Best* is the maximum over steps of the mean smoothed curve (the paper's selection
+    rule; optimistic, kept for comparison with it). Sorted by final IQM, best first."""
+    from reference_agent import stats
+
     rows = []
     for c in curves:
         final = c.returns[:, -1]
         best_step = int(np.argmax(c.mean))
         best = c.returns[:, best_step]
-        rows.append(
+        row: dict[str, Any] = {
+            "env": c.env_id,
+            "config": c.group.split("__", 1)[1],
+            "seeds": int(c.returns.shape[0]),
+            "last_step": int(c.steps[-1]),
+        }
+        for name in ("iqm", "mean"):
+            point = float(stats.STATISTICS[name](final))
+            low: float | None = None
+            high: float | None = None
+            if final.size >= 2 and np.all(np.isfinite(final)):
+                ci = stats.aggregate([final], name, seed=seed)
+                low, high = ci.low, ci.high
+            row.update({f"final_{name}": point, f"final_{name}_low": low, f"final_{name}_high": high})
+        row.update(
             {
-                "env": c.env_id,
-                "config": c.group.split("__", 1)[1],
-                "seeds": int(c.returns.shape[0]),
-                "last_step": int(c.steps[-1]),
-                "final_mean": float(final.mean()),
                 "final_spread": float((final.max() - final.min()) / 2),
                 "best_mean": float(c.mean[best_step]),
                 "best_spread": float((best.max() - best.min()) / 2),
                 "best_step": int(c.steps[best_step]),
             }
         )
-    return sorted(rows, key=lambda r: (r["env"], -r["best_mean"]))
+        rows.append(row)
+    return sorted(rows, key=lambda r: (r["env"], -r["final_iqm"]))
+
+
+FINAL_EVALS = 3
+"""k of the final return: the mean evaluation return over a run's last 3 evaluations (with the
+paper's evaluation every 5,000 steps: steps 90,000, 95,000 and 100,000). It equals the last point
+of the curves smoothed with a 3-point simple moving average, the figures' default."""
+
+
+def final_return(run: Run, last: int = FINAL_EVALS) -> float | None:
+    """The run's final return: the mean of its evaluation returns (each the mean over that
+    evaluation's episodes) at its last ``last`` evaluations; None with fewer evaluations."""
+    if last < 1 or len(run.evals) < last:
+        return None
+    return float(np.mean([v for _, v in sorted(run.evals)[-last:]]))
+
+
+def metric_values(run: Run, metric: str, layer: str = "network") -> list[tuple[int, float]]:
+    """One plasticity metric of a run: (step, value) in step order, finite values only."""
+    return sorted(
+        (int(r["step"]), float(r["value"]))
+        for r in run.plasticity
+        if r["metric"] == metric and r["layer"] == layer and r["value"] is not None and math.isfinite(r["value"])
+    )
+
+
+def final_metric(run: Run, metric: str, layer: str = "network") -> float | None:
+    """The metric at the run's last probe (the end of training for a finished run)."""
+    values = metric_values(run, metric, layer)
+    return values[-1][1] if values else None
+
+
+def metric_change(run: Run, metric: str, layer: str = "network") -> float | None:
+    """The metric at the last probe minus at the first (taken when learning starts, after one
+    gradient step: about θ_0); None with fewer than two probes."""
+    values = metric_values(run, metric, layer)
+    return values[-1][1] - values[0][1] if len(values) >= 2 else None
 
 
 def plasticity_series(
@@ -163,6 +217,22 @@ def plasticity_series(
             if row["metric"] == metric and row["layer"] == layer and row["value"] is not None:
                 acc[run.group][row["step"]].append(row["value"])
     return {g: (np.array(sorted(d)), np.array([float(np.mean(d[s])) for s in sorted(d)])) for g, d in acc.items()}
+
+
+def plasticity_matrix(runs: list[Run], metric: str, layer: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per configuration: (steps, values (seeds, steps)) of one plasticity metric, over the probe
+    steps where every seed has a finite value."""
+    per_run: dict[str, list[dict[int, float]]] = defaultdict(list)
+    for run in runs:
+        values = dict(metric_values(run, metric, layer))
+        if values:
+            per_run[run.group].append(values)
+    out = {}
+    for group, seeds in per_run.items():
+        common = sorted(set.intersection(*(set(v) for v in seeds)))
+        if common:
+            out[group] = (np.array(common), np.array([[v[s] for s in common] for v in seeds]))
+    return out
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -213,3 +283,37 @@ def plasticity_rows(runs: list[Run]) -> list[dict[str, Any]]:
         }
         for k, v in sorted(acc.items())
     ]
+
+
+RUN_METRICS = (
+    ("weight_magnitude", "network"),
+    ("dead_fraction", "network"),
+    ("zero_fraction", "network"),
+    ("grad_norm", "network"),
+    ("grad_dormant_fraction", "network"),
+    ("distance_from_init", "network"),
+    ("trainability_ratio", "network"),
+)
+"""End-of-training metrics written per run in runs.csv (plus the penultimate layer's effective rank)."""
+
+
+def run_rows(runs: list[Run], last: int = FINAL_EVALS) -> list[dict[str, Any]]:
+    """One row per run: its configuration, seed, state, steps, final return (mean of its last
+    ``last`` evaluations) and the metrics of its last probe: the scores the intervals are built on."""
+    rows = []
+    for r in sorted(runs, key=lambda r: (r.config.env_id, r.group, r.config.seed)):
+        penultimate = f"net.{2 * (len(r.config.hidden_sizes) - 1)}"
+        row: dict[str, Any] = {
+            "env": r.config.env_id,
+            "config": r.group.split("__", 1)[1],
+            "seed": r.config.seed,
+            "state": r.state,
+            "step": r.step,
+            "evaluations": len(r.evals),
+            "final_return": final_return(r, last),
+            "effective_rank_penultimate": final_metric(r, "effective_rank", penultimate),
+        }
+        for metric, layer in RUN_METRICS:
+            row[metric if layer == "network" else f"{metric}_{layer}"] = final_metric(r, metric, layer)
+        rows.append(row)
+    return rows

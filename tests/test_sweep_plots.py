@@ -185,7 +185,7 @@ def test_plot_cli_writes_figures_and_csv(tmp_path: Path) -> None:
     out = tmp_path / "figs"
     result = runner.invoke(app, ["plot", str(tmp_path / "sweep"), "--out", str(out)])
     assert result.exit_code == 0, result.output
-    for name in ("eval", "delta_frequency", "plasticity", "qvalues", "hessian"):
+    for name in ("eval", "final", "delta_frequency", "plasticity", "qvalues", "hessian"):
         for fmt in ("png", "svg"):
             path = out / f"{name}_CartPole-v1.{fmt}"
             assert path.exists() and path.stat().st_size > 1000, path
@@ -199,13 +199,16 @@ def test_plot_cli_writes_figures_and_csv(tmp_path: Path) -> None:
 def test_claims_verdicts_on_a_fake_sweep(tmp_path: Path) -> None:
     fake_sweep(tmp_path, env="LunarLander-v3")
     fake_sweep(tmp_path, env="CartPole-v1")
-    result = runner.invoke(app, ["claims", str(tmp_path), "--json"])
+    refused = runner.invoke(app, ["claims", str(tmp_path), "--json"])  # 2 seeds of 3,000 steps: refused
+    assert refused.exit_code == 0 and "16 runs left out, shorter than the claims need" in refused.output
+    result = runner.invoke(app, ["claims", str(tmp_path), "--json", "--min-updates", "1000", "--min-seeds", "2"])
     assert result.exit_code == 0, result.output
-    verdicts = {v["claim"]: v["verdict"] for v in json.loads(result.output)}
-    assert verdicts["LunarLander: δ = 1.25 beats δ = 0.75"] == "supported"  # 30 vs 10, spread 0.5
+    verdicts = {v["claim"]: v["verdict"] for v in json.loads(result.output[result.output.index("[") :])}
+    assert verdicts["LunarLander: δ = 1.25 beats δ = 0.75"] == "supported"  # 30 + s vs 10 + s
     assert verdicts["LunarLander: penalizing every update beats target updates only"] == "supported"  # 30 vs 20
-    assert verdicts["During training, weight magnitudes grow (whole network, first vs last probe)"] == "supported"
-    assert verdicts["CartPole-v1: the method beats the baseline"] == "supported"  # 10, 20, 30 vs 0
+    assert verdicts["During training, weight magnitudes grow (whole network ‖θ‖₂)"] == "supported"
+    cartpole = [v for k, v in verdicts.items() if k.startswith("CartPole-v1: the method beats the baseline")]
+    assert cartpole == ["supported"] * 3  # 10, 20, 30 vs 0
     assert verdicts["LunarLander: the singular loss gives the highest evaluation return"] == "no data"
 
 
@@ -224,6 +227,7 @@ def test_figures_share_colours_label_axes_and_format_steps(tmp_path: Path, monke
     monkeypatch.setattr(plots, "_save", keep)
     plots.plot_runs(results.find_runs([tmp_path / "sweep"]), tmp_path / "figs")
     colours: dict[str, set[str]] = {}
+    final = figures.pop("final")
     for name, fig in figures.items():
         for ax in fig.axes:
             if not ax.axison:
@@ -237,9 +241,61 @@ def test_figures_share_colours_label_axes_and_format_steps(tmp_path: Path, monke
         assert fig.legends, name
     assert colours and all(len(c) == 1 for c in colours.values()), colours  # one colour per configuration
     assert len({next(iter(c)) for c in colours.values()}) == len(colours)
+    # the final-return chart: one row per configuration, its interval and IQM tick in that same colour
+    (ax,) = final.axes
+    rows = [t.get_text().removesuffix(" (n=2)") for t in ax.get_yticklabels()]
+    assert sorted(rows) == sorted(colours)
+    ticks = [line for line in ax.get_lines() if line.get_marker() == "|"]
+    for line in ticks:
+        y = int(line.get_ydata()[0])
+        assert {str(line.get_color())} == colours[rows[y]], rows[y]
+    iqms = [float(line.get_xdata()[0]) for line in sorted(ticks, key=lambda line: line.get_ydata()[0])]
+    assert iqms == sorted(iqms)  # best at the top
+    assert ax.get_xlabel().startswith("final return: mean evaluation return over the last 3 evaluations")
+    # bands: each curve's 95 % band (in its colour) holds its IQM line and has width (the seeds differ by 1)
+    import matplotlib.colors as mcolors
+
+    (ax,) = figures["eval"].axes
+    bands = {mcolors.to_hex(b.get_facecolor()[0]): b.get_paths()[0].vertices for b in ax.collections}
+    for line in ax.get_lines():
+        if line.get_label().startswith("_"):
+            continue
+        vertices = bands[mcolors.to_hex(line.get_color())]
+        for x, y in zip(line.get_xdata(), line.get_ydata(), strict=True):
+            at = vertices[np.isclose(vertices[:, 0], x), 1]
+            assert at.min() <= y <= at.max() and at.max() - at.min() > 0.4, (line.get_label(), x)
     dead_panels = [ax.get_title() for ax in figures["plasticity"].axes if ax.get_ylabel() == "dead-unit fraction"]
     assert dead_panels == ["layer 1 (net.0)", "layer 2 (net.2)"]  # none for the output layer
     styles = {
         line.get_label(): line.get_linestyle() for ax in figures["delta_frequency"].axes for line in ax.get_lines()
     }
     assert styles["no regularization (n=2)"] == ":" and styles["l2 λ=0.01 δ=1.25, target updates only (n=2)"] == "--"
+
+
+def test_definitive_preset_seeds_and_rows() -> None:
+    configs = sweep.PRESETS["definitive"](5)
+    seeds: dict[str, set[int]] = {}
+    for c in configs:
+        seeds.setdefault(c.run_name.rsplit("__s", 1)[0], set()).add(c.seed)
+    assert len({c.run_name for c in configs}) == len(configs)
+    for group, found in seeds.items():  # 10 seeds where claims are decided by small margins, 5 elsewhere
+        expected = 5 if group.startswith("MountainCar") else 10
+        assert found == set(range(expected)), group
+    paper = {c.run_name for c in sweep.PRESETS["paper"](10) if not c.env_id.startswith("MountainCar")}
+    assert paper <= {c.run_name for c in configs}  # the paper's grids, every configuration
+    rows = {(c.env_id, c.reg.value, c.lam, c.delta, c.reg_variant.value) for c in configs}
+    for env in ("LunarLander-v3", "CartPole-v1", "MountainCar-v0"):
+        assert (env, "l2init", 0.01, 1.25, "authors") in rows and (env, "singular", 0.001, 1.0, "authors") in rows
+        assert (env, "l2", 0.01, 1.0, "paper") in rows  # constant weight decay, δ = 1
+    assert {c.intervention.value for c in configs} == {"none", "redo", "shrink-perturb"}
+    assert {c.seed for c in sweep.PRESETS["paper5"](2)} == set(range(5))
+    assert len(sweep.PRESETS["definitive"](1)) == len(configs)  # never fewer than 5 seeds
+
+
+def test_sweep_cli_preset_default_seeds() -> None:
+    result = runner.invoke(app, ["sweep", "--preset", "paper5", "--dry-run"])
+    assert result.exit_code == 0 and "125 runs" in result.output  # (19 + 3 + 3) configurations × 5 seeds
+    result = runner.invoke(app, ["sweep", "--preset", "paper", "--dry-run"])
+    assert "50 runs" in result.output
+    result = runner.invoke(app, ["sweep", "--preset", "paper-cartpole", "--seeds", "3", "--dry-run"])
+    assert "9 runs" in result.output
