@@ -95,7 +95,7 @@ def train(
 
       probe train --resume runs/CartPole-v1__none__s0
     """
-    from reference_agent.dqn import train as run_training
+    from reference_agent.engine import train as run_training
 
     if resume is not None:
         if not resume.is_dir():
@@ -185,7 +185,7 @@ def sweep(
 
       probe sweep --set env_id=CartPole-v1 --set reg=l2,l2init --set delta=1,1.25 --steps 30000
     """
-    from reference_agent import sweep as sw
+    from reference_agent.experiments import sweep as sw
 
     axes: dict[str, list[Any]] = {}
     if grid is not None:
@@ -343,7 +343,7 @@ def _summary_table(rows: list[dict[str, Any]], window: int) -> Table:
 
 def _read_runs(dirs: list[Path]) -> list[Any]:
     """The runs in ``dirs``, each file's malformed records reported in a warning line."""
-    from reference_agent import results
+    from reference_agent.experiments import results
 
     runs = results.find_runs(dirs)
     for run in runs:
@@ -368,7 +368,7 @@ def summarize(
     """
     import json
 
-    from reference_agent import results
+    from reference_agent.experiments import results
 
     rows = results.summarize(results.group_curves(_read_runs(dirs), smooth))
     if not rows:
@@ -395,7 +395,7 @@ def plot(
 
       probe plot sweeps/paper --out docs/figures
     """
-    from reference_agent import plots, results
+    from reference_agent.experiments import plots, results
 
     runs = _read_runs(dirs)
     written = plots.plot_runs(runs, out, smooth)
@@ -426,7 +426,7 @@ def claims(
     import dataclasses
     import json
 
-    from reference_agent.claims import check_claims, usable_runs
+    from reference_agent.experiments.claims import check_claims, usable_runs
 
     runs, left_out = usable_runs(_read_runs(dirs))
     for text in left_out:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from reference_agent.config import DQNConfig, Reg
-from reference_agent.results import GroupCurve, Run, group_curves, plasticity_series
+from reference_agent.experiments.results import GroupCurve, Run, group_curves, plasticity_series
 
 FORMATS = ("png", "svg")
 MAX_LINES = 8

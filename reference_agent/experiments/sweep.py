@@ -205,7 +205,7 @@ def _run_one(config: dict[str, Any], run_dir: str, parent: int, results: Connect
     sweep process stops it with SIGTERM instead (one orderly stop, no tracebacks)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
-    from reference_agent.dqn import train
+    from reference_agent.engine import train
 
     cfg = DQNConfig.from_dict(config)
     try:
