@@ -83,6 +83,7 @@ def train(
         ),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar (for scripts).")] = False,
+    device: Annotated[str, typer.Option(help="torch device of the networks and updates: cpu, cuda, cuda:1…")] = "cpu",
     **config: Any,
 ) -> None:
     """Train the reference DQN; results go to OUT/<run-name>/.
@@ -95,6 +96,7 @@ def train(
 
       probe train --resume runs/CartPole-v1__none__s0
     """
+    from reference_agent.engine import EngineOptions
     from reference_agent.engine import train as run_training
 
     if resume is not None:
@@ -115,7 +117,8 @@ def train(
                 text += f"  eval {info['last_eval']:.1f}"
             progress.update(task, completed=step, total=total, info=text)
 
-        result = run_training(cfg, run_dir, resume=resume is not None, progress=on_progress)
+        options = EngineOptions(device=_check_device(device))
+        result = run_training(cfg, run_dir, resume=resume is not None, progress=on_progress, options=options)
     for text in result.warnings:
         warn(text)
     last = f", last eval return {result.last_eval:.1f}" if result.last_eval is not None else ""
@@ -135,6 +138,28 @@ _base = [
 train.__signature__ = inspect.Signature([*_base, *config_parameters()])  # type: ignore[attr-defined]
 train.__annotations__ = {p.name: p.annotation for p in train.__signature__.parameters.values()}  # type: ignore[attr-defined]
 app.command(no_args_is_help=False)(user_errors(train))
+
+
+def _check_device(device: str) -> str:
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise fail(f"--device: {device!r} is not a torch device (cpu, cuda, cuda:1…)") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise fail("--device cuda: no CUDA GPU is available to torch on this machine")
+    return device
+
+
+class Engine(str, Enum):
+    batched = "batched"
+    process = "process"
+
+
+class Backend(str, Enum):
+    local = "local"
+    ray = "ray"
 
 
 class Preset(str, Enum):
@@ -166,7 +191,22 @@ def sweep(
             "probes, checkpoints) scale with it unless set with --set.",
         ),
     ] = None,
-    workers: Annotated[int, typer.Option(min=1, help="Parallel worker processes.")] = 2,
+    workers: Annotated[int, typer.Option(min=1, help="Parallel worker processes (local backend).")] = 2,
+    engine: Annotated[
+        Engine,
+        typer.Option(
+            help="batched: runs sharing environment, network shape and step settings train in lockstep in one "
+            "process (split over the workers); process: one process per run."
+        ),
+    ] = Engine.batched,
+    backend: Annotated[
+        Backend, typer.Option(help="local: a process pool on this machine; ray: tasks on a Ray cluster.")
+    ] = Backend.local,
+    address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster address HOST:PORT (backend ray; default: a Ray instance on this machine)."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="torch device of the networks and updates: cpu, cuda…")] = "cpu",
     out: Annotated[Path | None, typer.Option(help="Sweep directory (default sweeps/<preset or custom>).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar (for scripts).")] = False,
     dry_run: Annotated[
@@ -184,6 +224,8 @@ def sweep(
       probe sweep --preset paper-cartpole --steps 20000 --set lam=0.001,0.01
 
       probe sweep --set env_id=CartPole-v1 --set reg=l2,l2init --set delta=1,1.25 --steps 30000
+
+      probe sweep --preset paper --backend ray --address 10.0.0.5:6379
     """
     from reference_agent.experiments import sweep as sw
 
@@ -203,6 +245,12 @@ def sweep(
         warn(text)
     out = out or Path("sweeps") / (preset.value if preset else "custom")
     say(f"{len(configs)} runs → {out}")
+    if address is not None and backend is not Backend.ray:
+        raise fail("--address is for --backend ray")
+    if backend is not Backend.ray:
+        device = _check_device(device)
+    batches = sw.plan_batches(configs, workers, engine.value)
+    say(f"{len(batches)} batch(es) ({engine.value} engine, {backend.value} backend)")
     if dry_run:
         for c in configs:
             budget = f"{c.total_steps:,} steps, learning starts {c.learning_starts}, τ {c.target_update_period}"
@@ -216,7 +264,16 @@ def sweep(
             progress.update(task, completed=done, total=total, info=f"runs {runs_done}/{runs_total}")
 
         try:
-            outcomes = sw.run_sweep(configs, out, workers=workers, progress=on_progress)
+            outcomes = sw.run_sweep(
+                configs,
+                out,
+                workers=workers,
+                progress=on_progress,
+                engine=engine.value,
+                backend=backend.value,
+                address=address,
+                device=device,
+            )
         except sw.SweepInterrupted as stop:
             outcomes, interrupted = stop.outcomes, True
     failed = [o for o in outcomes if o.state != "finished"]
