@@ -50,7 +50,19 @@ ProgressFn = Callable[[int, int, dict[str, float]], None]
 for a single run, ``last_eval`` when known."""
 
 PER_RUN_FIELDS = frozenset(
-    {"seed", "reg", "lam", "delta", "reg_every", "reg_variant", "reg_layers", "eps_start", "eps_end", "eps_fraction", "extra"}
+    {
+        "seed",
+        "reg",
+        "lam",
+        "delta",
+        "reg_every",
+        "reg_variant",
+        "reg_layers",
+        "eps_start",
+        "eps_end",
+        "eps_fraction",
+        "extra",
+    }
 )
 """Settings that may differ between the runs of one batch; every other field must be equal."""
 
@@ -314,7 +326,9 @@ class _Engine:
                     (run.run_dir / name).unlink(missing_ok=True)
         for run in self.runs:
             run.run_dir.mkdir(parents=True, exist_ok=True)
-            rundir.write_json(run.run_dir / rundir.CONFIG, {"config": run.cfg.to_dict(), "versions": package_versions()})
+            rundir.write_json(
+                run.run_dir / rundir.CONFIG, {"config": run.cfg.to_dict(), "versions": package_versions()}
+            )
             run.metrics = pp.JsonlSink(run.run_dir / rundir.METRICS)
             run.plasticity = pp.JsonlSink(run.run_dir / rundir.PLASTICITY)
         self.started, self.start_step = time.perf_counter(), self.step
@@ -359,7 +373,7 @@ class _Engine:
 
     # ------------------------------------------------------------------ the algorithm
     def run(self) -> list[RunResult]:
-        cfg, k = self.cfg, self.k
+        cfg = self.cfg
         for run in self.runs:
             self._status(run, "running")
         try:
@@ -394,8 +408,10 @@ class _Engine:
                         self._log(t)
                     if t % cfg.eval_every == 0 or t == cfg.total_steps:
                         self._evaluate(t)
-                    if self.runs[0].probe_batch is not None and cfg.probe_every and (
-                        t % cfg.probe_every == 0 or t == cfg.learning_starts
+                    if (
+                        self.runs[0].probe_batch is not None
+                        and cfg.probe_every
+                        and (t % cfg.probe_every == 0 or t == cfg.learning_starts)
                     ):
                         for run in self._training():
                             self._probe(run, t)
@@ -428,9 +444,7 @@ class _Engine:
         for run in self._training():
             run.state, run.message = "finished", "finished"
             self._status(run, "finished")
-        return [
-            RunResult(r.run_dir, r.state, self._ended_at(r), r.message, r.last_eval, r.warnings) for r in self.runs
-        ]
+        return [RunResult(r.run_dir, r.state, self._ended_at(r), r.message, r.last_eval, r.warnings) for r in self.runs]
 
     def _act(self) -> np.ndarray:
         """ε-greedy actions of all runs: each run draws from its own generator, in the order a
@@ -442,7 +456,10 @@ class _Engine:
                 obs = torch.from_numpy(self.obs).to(self.device).unsqueeze(1)
                 greedy = self.online.q_values(obs).squeeze(1).argmax(dim=1).tolist()
         return np.array(
-            [int(run.rng.integers(self.n_actions)) if e else greedy[run.index] for run, e in zip(self.runs, explore, strict=True)],
+            [
+                int(run.rng.integers(self.n_actions)) if e else greedy[run.index]
+                for run, e in zip(self.runs, explore, strict=True)
+            ],
             dtype=np.int64,
         )
 
@@ -553,7 +570,13 @@ class _Engine:
             values = [float(v) for v in returns[run.index]]
             run.last_eval = float(np.mean(values))
             run.metrics.write_record(
-                {"step": t, "kind": "eval", "return_mean": run.last_eval, "return_std": float(np.std(values)), "returns": values}
+                {
+                    "step": t,
+                    "kind": "eval",
+                    "return_mean": run.last_eval,
+                    "return_std": float(np.std(values)),
+                    "returns": values,
+                }
             )
 
     def _probe(self, run: RunState, t: int) -> None:

@@ -102,15 +102,19 @@ class StackedPenalty:
                     self.singular[r, col] = cfg.lam * weight
                     terms.append(Term(name, (self.n_params + col,)))
                     continue
-                cols = (pnames.index(name),) if name in pnames else tuple(
-                    i for i, p in enumerate(pnames) if p.startswith(name + ".")
+                cols = (
+                    (pnames.index(name),)
+                    if name in pnames
+                    else tuple(i for i, p in enumerate(pnames) if p.startswith(name + "."))
                 )
                 self.coef[kind][r, list(cols)] = cfg.lam * weight
                 terms.append(Term(name, cols))
             self.terms.append(terms)
         self.present = [kind for kind in PARAM_KINDS if self.coef[kind].any()]
         self.device = device
-        self._coef_t = {kind: torch.tensor(self.coef[kind], dtype=torch.float32, device=device) for kind in self.present}
+        self._coef_t = {
+            kind: torch.tensor(self.coef[kind], dtype=torch.float32, device=device) for kind in self.present
+        }
         self.last_units = torch.zeros(self.k, self.n_params + n_layers, device=device)
         self.last_active = np.zeros(self.k, dtype=bool)
         self.any = any(kind is not None for kind in self.kinds)
@@ -121,7 +125,9 @@ class StackedPenalty:
         for kind in PARAM_KINDS:
             self.coef[kind][run] = 0.0
         self.singular[run] = 0.0
-        self._coef_t = {kind: torch.tensor(self.coef[kind], dtype=torch.float32, device=self.device) for kind in self.present}
+        self._coef_t = {
+            kind: torch.tensor(self.coef[kind], dtype=torch.float32, device=self.device) for kind in self.present
+        }
 
     def active(self, step: int) -> np.ndarray:
         """Runs whose penalty is added at ``step`` (``step % every == 0``)."""

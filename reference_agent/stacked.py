@@ -52,8 +52,7 @@ class StackedQ:
         linears = [[m for m in net.net if isinstance(m, nn.Linear)] for net in networks]
         self.n_layers = len(linears[0])
         self.weights = [
-            torch.stack([ls[i].weight.detach() for ls in linears]).to(device).contiguous()
-            for i in range(self.n_layers)
+            torch.stack([ls[i].weight.detach() for ls in linears]).to(device).contiguous() for i in range(self.n_layers)
         ]
         self.biases = [
             torch.stack([ls[i].bias.detach() for ls in linears]).to(device).contiguous() for i in range(self.n_layers)

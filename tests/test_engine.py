@@ -97,7 +97,9 @@ def test_batched_update_equals_per_run_modules_with_autograd(batch_size: int) ->
             fwd = online.forward(batch.obs)
             q_sa = fwd.q.gather(2, batch.actions.unsqueeze(2)).squeeze(2)
             err = q_sa - y
-            grad_q = torch.zeros_like(fwd.q).scatter_(2, batch.actions.unsqueeze(2), (err * 2 / batch_size).unsqueeze(2))
+            grad_q = torch.zeros_like(fwd.q).scatter_(
+                2, batch.actions.unsqueeze(2), (err * 2 / batch_size).unsqueeze(2)
+            )
             pen, pgrads, fgrads = penalty(step, online.params(), fwd)
             grads = online.backward(fwd, grad_q, fgrads)
             for p, g, extra in zip(online.params(), grads, pgrads, strict=True):

@@ -64,7 +64,8 @@ def test_a_sweep_on_a_local_ray_cluster_collects_and_resumes_killed_runs(tmp_pat
     tiny = json.dumps({**TINY_RUN, "hidden_sizes": [8, 8], "batch_size": 16})
     out = tmp_path / "sweep"
     run = " ".join(
-        f"{sys.executable} {driver} {out} 127.0.0.1:{port} {mode} '{tiny}' > {tmp_path / mode}.json;" for mode in ("kill", "rerun")
+        f"{sys.executable} {driver} {out} 127.0.0.1:{port} {mode} '{tiny}' > {tmp_path / mode}.json;"
+        for mode in ("kill", "rerun")
     )
     ray_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Unix socket paths must stay under 108 bytes
     # the cluster lives and dies with `ray start --block` (its own processes, stopped by its pid)

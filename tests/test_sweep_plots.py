@@ -13,8 +13,8 @@ from helpers import tiny_config
 from typer.testing import CliRunner
 
 from cli.app import app
-from reference_agent.experiments import results, sweep
 from reference_agent.config import DQNConfig, Reg, RegEvery
+from reference_agent.experiments import results, sweep
 
 runner = CliRunner()
 SWEEP_RUN = dict(

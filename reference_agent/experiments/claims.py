@@ -26,8 +26,8 @@ import plasticity_probe as pp
 from reference_agent import rundir
 from reference_agent.checkpoint import load_checkpoint
 from reference_agent.config import DQNConfig, Reg
-from reference_agent.network import QNetwork
 from reference_agent.experiments.results import GroupCurve, Run, group_curves
+from reference_agent.network import QNetwork
 
 SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, NO_DATA = "supported", "not supported", "inconclusive", "no data"
 
