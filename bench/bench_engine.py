@@ -7,7 +7,8 @@ limit (FLOPs of the paper preset, measured matmul throughput).
     python -m bench.bench_engine limit
 
 ``runs``: wall time of whole runs, environments, evaluation, probing and checkpoints included
-(every interval scaled to the run length as ``probe sweep --steps`` does), one torch thread.
+(learning starts and τ scaled to the run length; evaluation every 5,000 steps, probes every 5,000
+and the Hessian every 10,000 as in the paper presets), one torch thread.
 The sequential and batched measurements alternate (``--rounds``) so that a shared machine's
 load falls on both; the ratio is of the medians.
 """
@@ -35,16 +36,27 @@ def _configs(env_id: str, k: int, steps: int) -> list:
 
     regs = [Reg.none, Reg.l2, Reg.l2init, Reg.singular]
     base = [
-        DQNConfig(env_id=env_id, seed=i, reg=regs[i % 4], lam=0.001 if regs[i % 4] is Reg.singular else 0.01)
+        DQNConfig(
+            env_id=env_id,
+            seed=i,
+            reg=regs[i % 4],
+            lam=0.001 if regs[i % 4] is Reg.singular else 0.01,
+            hessian_every=10_000,  # as the presets
+        )
         for i in range(k)
     ]
-    return [scale_steps(c, steps) for c in base]
+    # learning starts, τ, log and checkpoint intervals scale with the run; evaluation, probing and
+    # the Hessian keep the paper's intervals, so that they cost what they cost per step in the paper
+    return [scale_steps(c, steps, keep=("eval_every", "probe_every", "hessian_every")) for c in base]
 
 
 def bench_runs(env_id: str, ks: list[int], steps: int, rounds: int) -> None:
     from reference_agent.engine import train, train_batch
 
-    print(f"{env_id}, {steps} steps per run (paper intervals scaled), penalties none/l2/l2init/singular in turn")
+    print(
+        f"{env_id}, {steps} steps per run (learning starts, τ scaled; evaluation, probes, Hessian at the paper's "
+        "intervals), penalties none/l2/l2init/singular in turn"
+    )
     print("| K | sequential µs/run-step | batched µs/run-step | ratio |")
     print("|---|---|---|---|")
     for k in ks:
@@ -184,7 +196,7 @@ def main() -> None:
     parser.add_argument("part", choices=["runs", "updates", "limit"])
     parser.add_argument("--k", type=int, nargs="+")
     parser.add_argument("--env", default="CartPole-v1")
-    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--steps", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
     one_thread()

@@ -376,6 +376,10 @@ class _Engine:
         cfg = self.cfg
         for run in self.runs:
             self._status(run, "running")
+        # Subnormal floats (|x| < 1.2e-38: tiny gradients, weights a penalty drives to 0) make x86
+        # matrix kernels up to 10× slower (measured: 2 ms instead of 0.2 ms per bmm): flush them to
+        # zero while the batch trains (restored afterwards; the process-wide default is off)
+        torch.set_flush_denormal(True)
         try:
             with stop_on_signals() as stop:
                 while self.step < cfg.total_steps and any(r.training for r in self.runs):
@@ -434,6 +438,7 @@ class _Engine:
                     self._status(run, "failed", f"{type(err).__name__}: {err}")
             raise
         finally:
+            torch.set_flush_denormal(False)
             for run in self.runs:
                 run.metrics.close()
                 run.plasticity.close()
