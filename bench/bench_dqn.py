@@ -23,7 +23,7 @@ import torch
 
 def ours(env_id: str, steps: int, learning_starts: int) -> float:
     from reference_agent.config import DQNConfig
-    from reference_agent.dqn import train
+    from reference_agent.engine import train
 
     cfg = DQNConfig(
         env_id=env_id,

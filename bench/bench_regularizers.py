@@ -12,7 +12,7 @@ import torch
 
 import plasticity_probe as pp
 from bench.common import BATCH, N_ACTIONS, OBS_DIM, one_thread, time_per_call
-from reference_agent.dqn import td_loss
+from reference_agent.engine import td_loss
 from reference_agent.network import QNetwork
 from reference_agent.replay import Batch
 

@@ -83,6 +83,7 @@ def train(
         ),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar (for scripts).")] = False,
+    device: Annotated[str, typer.Option(help="torch device of the networks and updates: cpu, cuda, cuda:1…")] = "cpu",
     **config: Any,
 ) -> None:
     """Train the reference DQN; results go to OUT/<run-name>/.
@@ -95,7 +96,8 @@ def train(
 
       probe train --resume runs/CartPole-v1__none__s0
     """
-    from reference_agent.dqn import train as run_training
+    from reference_agent.engine import EngineOptions
+    from reference_agent.engine import train as run_training
 
     if resume is not None:
         if not resume.is_dir():
@@ -115,7 +117,8 @@ def train(
                 text += f"  eval {info['last_eval']:.1f}"
             progress.update(task, completed=step, total=total, info=text)
 
-        result = run_training(cfg, run_dir, resume=resume is not None, progress=on_progress)
+        options = EngineOptions(device=_check_device(device))
+        result = run_training(cfg, run_dir, resume=resume is not None, progress=on_progress, options=options)
     for text in result.warnings:
         warn(text)
     last = f", last eval return {result.last_eval:.1f}" if result.last_eval is not None else ""
@@ -135,6 +138,28 @@ _base = [
 train.__signature__ = inspect.Signature([*_base, *config_parameters()])  # type: ignore[attr-defined]
 train.__annotations__ = {p.name: p.annotation for p in train.__signature__.parameters.values()}  # type: ignore[attr-defined]
 app.command(no_args_is_help=False)(user_errors(train))
+
+
+def _check_device(device: str) -> str:
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise fail(f"--device: {device!r} is not a torch device (cpu, cuda, cuda:1…)") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise fail("--device cuda: no CUDA GPU is available to torch on this machine")
+    return device
+
+
+class Engine(str, Enum):
+    batched = "batched"
+    process = "process"
+
+
+class Backend(str, Enum):
+    local = "local"
+    ray = "ray"
 
 
 class Preset(str, Enum):
@@ -176,7 +201,22 @@ def sweep(
             "probes, checkpoints) scale with it unless set with --set.",
         ),
     ] = None,
-    workers: Annotated[int, typer.Option(min=1, help="Parallel worker processes.")] = 2,
+    workers: Annotated[int, typer.Option(min=1, help="Parallel worker processes (local backend).")] = 2,
+    engine: Annotated[
+        Engine,
+        typer.Option(
+            help="batched: runs sharing environment, network shape and step settings train in lockstep in one "
+            "process (split over the workers); process: one process per run."
+        ),
+    ] = Engine.batched,
+    backend: Annotated[
+        Backend, typer.Option(help="local: a process pool on this machine; ray: tasks on a Ray cluster.")
+    ] = Backend.local,
+    address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster address HOST:PORT (backend ray; default: a Ray instance on this machine)."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="torch device of the networks and updates: cpu, cuda…")] = "cpu",
     out: Annotated[Path | None, typer.Option(help="Sweep directory (default sweeps/<preset or custom>).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar (for scripts).")] = False,
     dry_run: Annotated[
@@ -196,8 +236,10 @@ def sweep(
       probe sweep --preset paper-cartpole --steps 20000 --set lam=0.001,0.01
 
       probe sweep --set env_id=CartPole-v1 --set reg=l2,l2init --set delta=1,1.25 --steps 30000
+
+      probe sweep --preset paper --backend ray --address 10.0.0.5:6379
     """
-    from reference_agent import sweep as sw
+    from reference_agent.experiments import sweep as sw
 
     axes: dict[str, list[Any]] = {}
     if grid is not None:
@@ -216,6 +258,12 @@ def sweep(
         warn(text)
     out = out or Path("sweeps") / (preset.value if preset else "custom")
     say(f"{len(configs)} runs → {out}")
+    if address is not None and backend is not Backend.ray:
+        raise fail("--address is for --backend ray")
+    if backend is not Backend.ray:
+        device = _check_device(device)
+    batches = sw.plan_batches(configs, workers, engine.value)
+    say(f"{len(batches)} batch(es) ({engine.value} engine, {backend.value} backend)")
     if dry_run:
         for c in configs:
             budget = f"{c.total_steps:,} steps, learning starts {c.learning_starts}, τ {c.target_update_period}"
@@ -229,7 +277,16 @@ def sweep(
             progress.update(task, completed=done, total=total, info=f"runs {runs_done}/{runs_total}")
 
         try:
-            outcomes = sw.run_sweep(configs, out, workers=workers, progress=on_progress)
+            outcomes = sw.run_sweep(
+                configs,
+                out,
+                workers=workers,
+                progress=on_progress,
+                engine=engine.value,
+                backend=backend.value,
+                address=address,
+                device=device,
+            )
         except sw.SweepInterrupted as stop:
             outcomes, interrupted = stop.outcomes, True
     failed = [o for o in outcomes if o.state != "finished"]
@@ -373,7 +430,7 @@ def _summary_table(rows: list[dict[str, Any]], window: int) -> Table:
 
 def _read_runs(dirs: list[Path]) -> list[Any]:
     """The runs in ``dirs``, each file's malformed records reported in a warning line."""
-    from reference_agent import results
+    from reference_agent.experiments import results
 
     runs = results.find_runs(dirs)
     for run in runs:
@@ -399,7 +456,7 @@ def summarize(
     """
     import json
 
-    from reference_agent import results
+    from reference_agent.experiments import results
 
     rows = results.summarize(results.group_curves(_read_runs(dirs), smooth))
     if not rows:
@@ -428,7 +485,7 @@ def plot(
 
       probe plot sweeps/paper --out docs/figures
     """
-    from reference_agent import plots, results
+    from reference_agent.experiments import plots, results
 
     runs = _read_runs(dirs)
     written = plots.plot_runs(runs, out, smooth)
@@ -485,7 +542,7 @@ def claims(
     import dataclasses
     import json
 
-    from reference_agent.claims_intervals import Rules, check_claims, refuse
+    from reference_agent.experiments.claims_intervals import Rules, check_claims, refuse
 
     rules = Rules(min_seeds=min_seeds, min_updates=min_updates, last=last, statistic=statistic.value, seed=seed)
     runs, left_out = refuse(_read_runs(dirs), rules)

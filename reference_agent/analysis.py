@@ -32,7 +32,7 @@ from plasticity_probe.checkpoints import (
 )
 from plasticity_probe.probe import DEFAULT_METRICS
 from reference_agent.config import DQNConfig
-from reference_agent.dqn import td_loss
+from reference_agent.engine import td_loss
 from reference_agent.network import QNetwork, check_architecture
 from reference_agent.replay import Batch
 

@@ -15,34 +15,42 @@ from helpers import tiny_config
 from reference_agent import rundir
 from reference_agent.checkpoint import load_checkpoint
 from reference_agent.config import DQNConfig, epsilon
-from reference_agent.dqn import RunExistsError, td_loss, train
+from reference_agent.engine import RunExistsError, td_loss, train
 from reference_agent.envs import EnvError, make_env
-from reference_agent.replay import Batch, ReplayBuffer
+from reference_agent.replay import Batch, StackedReplay
 
 
 def test_replay_buffer_add_sample_and_wraparound() -> None:
-    buf = ReplayBuffer(capacity=3, obs_dim=2)
+    buf = StackedReplay(k=2, capacity=3, obs_dim=2)
     for i in range(5):
-        buf.add(np.full(2, i, np.float32), i, float(i), np.full(2, i + 1, np.float32), i == 4)
+        obs = np.full((2, 2), i, np.float32) + np.array([[0], [10]], np.float32)  # run 1 is run 0 + 10
+        buf.add(obs, np.array([i, i]), np.array([i, i]), obs + 1, np.array([i == 4, i == 4]))
     assert buf.size == 3 and buf.pos == 2
-    assert sorted(buf.actions.tolist()) == [2, 3, 4]  # 0 and 1 were overwritten
-    assert buf.obs[0].tolist() == [3, 3]  # slot 0 holds transition 3
-    batch = buf.sample(np.random.default_rng(0), 100)
-    assert set(batch.actions.tolist()) == {2, 3, 4}
-    assert torch.equal(batch.next_obs[:, 0], batch.obs[:, 0] + 1)
-    assert torch.equal(batch.terminated, (batch.actions == 4).float())
+    assert sorted(buf.actions[0].tolist()) == [2, 3, 4]  # 0 and 1 were overwritten
+    assert buf.obs[0, 0].tolist() == [3, 3] and buf.obs[1, 0].tolist() == [13, 13]  # slot 0 holds transition 3
+    batch = buf.sample([np.random.default_rng(0), np.random.default_rng(1)], 100)
+    assert batch.obs.shape == (2, 100, 2)
+    for k in (0, 1):
+        one = batch.run(k)
+        assert set(one.actions.tolist()) == {2, 3, 4}
+        assert torch.equal(one.next_obs[:, 0], one.obs[:, 0] + 1)
+        assert torch.equal(one.obs[:, 0], one.actions.float() + 10 * k)  # each run samples its own rows
+        assert torch.equal(one.terminated, (one.actions == 4).float())
+    assert not torch.equal(batch.actions[0], batch.actions[1])  # own generators
     with pytest.raises(ValueError, match="empty"):
-        ReplayBuffer(2, 1).sample(np.random.default_rng(0), 1)
+        StackedReplay(1, 2, 1).sample([np.random.default_rng(0)], 1)
 
 
 def test_replay_buffer_state_roundtrip() -> None:
-    buf = ReplayBuffer(4, 1)
+    buf = StackedReplay(2, 4, 1)
     for i in range(6):
-        buf.add(np.array([i], np.float32), i, 0.0, np.array([i], np.float32), False)
-    other = ReplayBuffer(4, 1)
-    other.load_state_dict(buf.state_dict())
+        buf.add(np.array([[i], [-i]], np.float32), np.array([i, -i]), np.zeros(2), np.zeros((2, 1)), np.zeros(2))
+    other = StackedReplay(2, 4, 1)
+    for k in (0, 1):
+        other.load_state_dict(k, buf.state_dict(k))
     assert other.pos == buf.pos and other.size == buf.size
-    assert np.array_equal(other.actions, buf.actions)
+    assert torch.equal(other.actions, buf.actions) and torch.equal(other.obs, buf.obs)
+    assert buf.state_dict(1)["actions"].tolist() == [-4, -5, -2, -3]
 
 
 def test_epsilon_schedule() -> None:

@@ -21,7 +21,7 @@ import plasticity_probe as pp
 from cli.app import app
 from plasticity_probe.checkpoints import CheckpointError, load_checkpoint, mlp_from_state_dict, weight_report
 from reference_agent.analysis import analyze
-from reference_agent.dqn import train
+from reference_agent.engine import train
 
 runner = CliRunner()
 

@@ -13,9 +13,9 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.app import app
-from reference_agent.claims_intervals import Rules, check_claims, refuse
 from reference_agent.config import DQNConfig
-from reference_agent.results import final_return, find_runs
+from reference_agent.experiments.claims_intervals import Rules, check_claims, refuse
+from reference_agent.experiments.results import final_return, find_runs
 
 runner = CliRunner()
 EVAL_STEPS = list(range(5_000, 100_001, 5_000))

@@ -23,10 +23,11 @@ from typer.testing import CliRunner
 import plasticity_probe as pp
 from cli.app import app
 from plasticity_probe.checkpoints import CheckpointError, load_checkpoint
-from reference_agent import rundir, sweep
+from reference_agent import rundir
 from reference_agent.checkpoint import load_checkpoint as load_agent_checkpoint
 from reference_agent.config import DQNConfig
-from reference_agent.dqn import train
+from reference_agent.engine import train
+from reference_agent.experiments import sweep
 
 runner = CliRunner()
 PROBE = shutil.which("probe") or str(Path(sys.executable).parent / "probe")
@@ -323,8 +324,9 @@ def test_a_killed_worker_fails_its_run_and_the_others_finish(tmp_path: Path) -> 
 def test_workers_stop_when_the_sweep_process_dies(tmp_path: Path) -> None:
     cfg = tiny_config(total_steps=200_000, learning_starts=100_000, hidden_sizes=(8, 8))
     script = (
-        "import sys; from pathlib import Path; from reference_agent import sweep; from reference_agent.config import"
-        " DQNConfig\nimport json\nsweep.run_sweep([DQNConfig.from_dict(json.loads(sys.argv[1]))], Path(sys.argv[2]))"
+        "import sys; from pathlib import Path; from reference_agent.experiments import sweep\n"
+        "from reference_agent.config import DQNConfig\nimport json\n"
+        "sweep.run_sweep([DQNConfig.from_dict(json.loads(sys.argv[1]))], Path(sys.argv[2]))"
     )
     parent = subprocess.Popen(
         [sys.executable, "-c", script, json.dumps(cfg.to_dict()), str(tmp_path)],

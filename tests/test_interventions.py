@@ -23,9 +23,9 @@ from torch import nn
 
 import plasticity_probe as pp
 from reference_agent import rundir
-from reference_agent.dqn import train
-from reference_agent.plots import label, plot_runs
-from reference_agent.results import load_run
+from reference_agent.engine import train
+from reference_agent.experiments.plots import label, plot_runs
+from reference_agent.experiments.results import load_run
 
 TAU = 0.025
 

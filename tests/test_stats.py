@@ -1,4 +1,4 @@
-"""reference_agent.stats against independent references: hand-worked values, SciPy's trim_mean,
+"""reference_agent.experiments.stats against independent references: hand-worked values, SciPy's trim_mean,
 brute-force enumeration (of P(X > Y) and of the whole bootstrap distribution), the closed-form
 variance of a resampled mean, and coverage on synthetic normal data."""
 
@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from reference_agent import stats
+from reference_agent.experiments import stats
 
 finite = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, allow_infinity=False)
 

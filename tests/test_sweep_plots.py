@@ -13,8 +13,8 @@ from helpers import tiny_config
 from typer.testing import CliRunner
 
 from cli.app import app
-from reference_agent import results, sweep
 from reference_agent.config import DQNConfig, Reg, RegEvery
+from reference_agent.experiments import results, sweep
 
 runner = CliRunner()
 SWEEP_RUN = dict(
@@ -214,7 +214,7 @@ def test_claims_verdicts_on_a_fake_sweep(tmp_path: Path) -> None:
 
 def test_figures_share_colours_label_axes_and_format_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("matplotlib", reason="needs the plot extra")
-    from reference_agent import plots
+    from reference_agent.experiments import plots
 
     fake_sweep(tmp_path / "sweep")
     figures: dict[str, Any] = {}

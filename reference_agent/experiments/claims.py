@@ -1,7 +1,7 @@
 """The paper's claims against our runs: shared pieces (the verdicts, which runs can be used).
 
 The rule that decides each claim from interval estimates is in
-:mod:`reference_agent.claims_intervals` (``check_claims``); docs/reproduction.md states it.
+:mod:`reference_agent.experiments.claims_intervals` (``check_claims``); docs/reproduction.md states it.
 
 Runs that never took a gradient step (they stopped at or before ``learning_starts``) are left
 out (``usable_runs``). A verdict that rests on runs with fewer gradient steps than the paper's
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import plasticity_probe as pp
 from reference_agent import rundir
 from reference_agent.checkpoint import load_checkpoint
+from reference_agent.experiments.results import Run
 from reference_agent.network import QNetwork
-from reference_agent.results import Run
 
 SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, NO_DATA = "supported", "not supported", "inconclusive", "no data"
 

@@ -1,11 +1,11 @@
 """The paper's claims (DESIGN.md's list), decided from interval estimates over seeds.
 
 Scores (one number per run): the *final return*, the mean evaluation return over the run's last
-k evaluations (:func:`reference_agent.results.final_return`, k = 3 by default); a plasticity
+k evaluations (:func:`reference_agent.experiments.results.final_return`, k = 3 by default); a plasticity
 metric at the end of training (its last probe); the change of a metric over training (last probe
 minus first); or a metric averaged over every probe of the run ("over training").
 
-Statistics (:mod:`reference_agent.stats`; Agarwal et al. 2021): configurations are *strata*;
+Statistics (:mod:`reference_agent.experiments.stats`; Agarwal et al. 2021): configurations are *strata*;
 every interval is a 95 % percentile bootstrap confidence interval that resamples seeds within
 each configuration (10,000 resamples, seeded).
 
@@ -45,8 +45,9 @@ from typing import Any
 
 import numpy as np
 
-from reference_agent import stats
-from reference_agent.claims import (
+from reference_agent.config import DQNConfig, Reg
+from reference_agent.experiments import stats
+from reference_agent.experiments.claims import (
     INCONCLUSIVE,
     NO_DATA,
     NOT_SUPPORTED,
@@ -57,8 +58,14 @@ from reference_agent.claims import (
     gradient_steps,
     init_vs_final,
 )
-from reference_agent.config import DQNConfig, Reg
-from reference_agent.results import FINAL_EVALS, Run, final_metric, final_return, metric_change, metric_values
+from reference_agent.experiments.results import (
+    FINAL_EVALS,
+    Run,
+    final_metric,
+    final_return,
+    metric_change,
+    metric_values,
+)
 
 MIN_SEEDS = 5
 """Seeds a configuration needs before its interval takes part in a verdict."""

@@ -134,10 +134,10 @@ def summarize(curves: list[GroupCurve], *, seed: int = 0) -> list[dict[str, Any]
     The *final return* of a run is the mean of its evaluation returns at its last ``window``
     evaluations (the smoothed curve's last point, :func:`final_return`). Over seeds: its IQM and
     mean, each with the 95 % percentile bootstrap confidence interval (``_low``, ``_high``;
-    :mod:`reference_agent.stats`; empty with one seed), and the spread (half the range between
+    :mod:`reference_agent.experiments.stats`; empty with one seed), and the spread (half the range between
     seeds). *Best* is the maximum over steps of the mean smoothed curve (the paper's selection
     rule; optimistic, kept for comparison with it). Sorted by final IQM, best first."""
-    from reference_agent import stats
+    from reference_agent.experiments import stats
 
     rows = []
     for c in curves:

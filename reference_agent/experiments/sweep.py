@@ -4,6 +4,12 @@ A sweep directory holds one run directory per configuration and seed (named by
 ``DQNConfig.run_name``) and ``sweep.json`` (the configurations and, after each run, its
 outcome). Rerunning a sweep skips finished runs and resumes the others from their checkpoints;
 a failed run is recorded with its error and does not stop the others.
+
+The runs are grouped into *batches* (``plan_batches``): with the ``batched`` engine, runs that
+share ``engine.batch_key`` (environment, network shape, step settings) train in lockstep in one
+process, split so that every worker gets a share; with the ``process`` engine every run is its
+own batch. Batches run in a local process pool (``workers`` processes) or as Ray tasks on a
+cluster (``backend="ray"``; Ray schedules them, this module only submits and collects).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import math
 import os
 import signal
 import threading
@@ -28,6 +35,7 @@ import tomllib
 
 from reference_agent import rundir
 from reference_agent.config import DQNConfig, Reg, RegEvery
+from reference_agent.engine import batch_key
 
 PAPER_DELTAS = (0.75, 1.0, 1.25)
 PAPER_HESSIAN_EVERY = 10_000
@@ -238,6 +246,30 @@ def expand_grid(grid: dict[str, list[Any]], seeds: int = 1, base: dict[str, Any]
     ]
 
 
+ENGINES = ("batched", "process")
+BACKENDS = ("local", "ray")
+
+
+def plan_batches(configs: list[DQNConfig], workers: int = 1, engine: str = "batched") -> list[list[DQNConfig]]:
+    """The batches a sweep trains, largest first. ``process``: one run each. ``batched``: runs
+    with equal ``batch_key``, each group split into near-equal batches of at most
+    ``ceil(len(configs) / workers)`` runs, so that ``workers`` processes share the work."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if engine == "process":
+        return [[c] for c in configs]
+    groups: dict[tuple[Any, ...], list[DQNConfig]] = {}
+    for c in configs:
+        groups.setdefault(batch_key(c), []).append(c)
+    limit = max(1, math.ceil(len(configs) / max(1, workers)))
+    batches = []
+    for group in groups.values():
+        parts = math.ceil(len(group) / limit)
+        size = math.ceil(len(group) / parts)
+        batches += [group[i : i + size] for i in range(0, len(group), size)]
+    return sorted(batches, key=lambda b: -len(b) * b[0].total_steps)
+
+
 @dataclass
 class RunOutcome:
     run: str
@@ -257,22 +289,29 @@ def _watch_parent(parent: int) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _run_one(config: dict[str, Any], run_dir: str, parent: int, results: Connection) -> None:
-    """Worker process: train or resume one run and send its outcome; errors become ``failed``.
-    Ctrl-C in the terminal reaches the whole process group: the worker ignores SIGINT and the
-    sweep process stops it with SIGTERM instead (one orderly stop, no tracebacks)."""
+def train_runs(configs: list[dict[str, Any]], run_dirs: list[str], device: str = "cpu") -> list[RunOutcome]:
+    """Train or resume one batch (``engine.train_batch``); errors become ``failed`` outcomes."""
+    from reference_agent.engine import EngineOptions, train_batch
+
+    cfgs = [DQNConfig.from_dict(c) for c in configs]
+    try:
+        results = train_batch(cfgs, [Path(d) for d in run_dirs], resume=True, options=EngineOptions(device=device))
+        return [RunOutcome(c.run_name, r.state, r.message) for c, r in zip(cfgs, results, strict=True)]
+    except Exception as err:  # recorded, the sweep goes on
+        return [RunOutcome(c.run_name, "failed", f"{type(err).__name__}: {err}") for c in cfgs]
+
+
+def _run_batch(
+    configs: list[dict[str, Any]], run_dirs: list[str], device: str, parent: int, results: Connection
+) -> None:
+    """Worker process: train one batch and send its outcomes. Ctrl-C in the terminal reaches the
+    whole process group: the worker ignores SIGINT and the sweep process stops it with SIGTERM
+    instead (one orderly stop, no tracebacks)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
-    from reference_agent.dqn import train
-
-    cfg = DQNConfig.from_dict(config)
-    try:
-        result = train(cfg, Path(run_dir), resume=True)
-        outcome = RunOutcome(cfg.run_name, result.state, result.message)
-    except Exception as err:  # recorded, the sweep goes on
-        outcome = RunOutcome(cfg.run_name, "failed", f"{type(err).__name__}: {err}")
-    with contextlib.suppress(OSError):  # the sweep process is gone; the run directory holds the outcome
-        results.send(outcome)
+    outcomes = train_runs(configs, run_dirs, device)
+    with contextlib.suppress(OSError):  # the sweep process is gone; the run directories hold the outcomes
+        results.send(outcomes)
 
 
 def run_state(run_dir: Path) -> str | None:
@@ -292,34 +331,41 @@ def run_step(run_dir: Path) -> int:
         return 0
 
 
+def _lost(configs: list[DQNConfig], out_dir: Path, message: str) -> list[RunOutcome]:
+    """Outcomes of a batch whose worker died without reporting: ``failed``, also in each run's
+    ``status.json`` when that still says ``running``."""
+    for cfg in configs:
+        run_dir = out_dir / cfg.run_name
+        if (run_dir / rundir.CONFIG).exists() and run_state(run_dir) in (None, "running"):
+            status = {"state": "failed", "step": run_step(run_dir), "total_steps": cfg.total_steps}
+            rundir.write_json(run_dir / rundir.STATUS, {**status, "message": message, "steps_per_s": None})
+    return [RunOutcome(c.run_name, "failed", message) for c in configs]
+
+
 SweepProgress = Callable[[int, int, int, int], None]
 """``progress(steps_done, steps_total, runs_done, runs_total)``."""
 
 
 @dataclass
 class _Worker:
-    config: DQNConfig
-    run_dir: Path
+    configs: list[DQNConfig]
+    out_dir: Path
     process: BaseProcess
     results: Connection
 
-    def outcome(self) -> RunOutcome:
-        """The outcome the worker sent; for a worker that exited without one (killed, out of
-        memory…) ``failed``, also in its ``status.json`` when that still says ``running``."""
+    def outcomes(self) -> list[RunOutcome]:
+        """The outcomes the worker sent; for a worker that exited without them (killed, out of
+        memory…) ``failed``."""
         try:
             if self.results.poll():
-                sent: RunOutcome = self.results.recv()
+                sent: list[RunOutcome] = self.results.recv()
                 return sent
         except (EOFError, OSError):
             pass
         self.process.join()
         code = self.process.exitcode
         how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
-        message = f"worker process lost ({how}); rerun the sweep to resume this run"
-        if (self.run_dir / rundir.CONFIG).exists() and run_state(self.run_dir) in (None, "running"):
-            status = {"state": "failed", "step": run_step(self.run_dir), "total_steps": self.config.total_steps}
-            rundir.write_json(self.run_dir / rundir.STATUS, {**status, "message": message, "steps_per_s": None})
-        return RunOutcome(self.config.run_name, "failed", message)
+        return _lost(self.configs, self.out_dir, f"worker process lost ({how}); rerun the sweep to resume this run")
 
 
 def run_sweep(
@@ -329,25 +375,42 @@ def run_sweep(
     workers: int = 1,
     progress: SweepProgress | None = None,
     poll_s: float = 1.0,
+    engine: str = "batched",
+    backend: str = "local",
+    address: str | None = None,
+    device: str = "cpu",
 ) -> list[RunOutcome]:
-    """Run ``configs`` in up to ``workers`` processes at once, one process per run (one torch
-    thread each); skip finished runs.
+    """Run ``configs`` as batches (``plan_batches``) in up to ``workers`` processes at once (one
+    torch thread each), or as Ray tasks (``backend="ray"``, on the cluster at ``address``, or a
+    local Ray instance when None); skip finished runs.
 
-    A run whose process dies is recorded ``failed`` and the others go on. Ctrl-C (SIGINT) stops
-    the running runs with a checkpoint (``interrupted``) and returns without starting the
-    others; ``outcomes`` then lacks the runs not started. Workers stop when the sweep process
-    dies."""
+    A batch whose process dies has its runs recorded ``failed`` and the others go on; rerunning
+    the sweep resumes them from their checkpoints. Ctrl-C (SIGINT) stops the running batches with
+    a checkpoint (``interrupted``) and returns without starting the others; ``outcomes`` then
+    lacks the runs not started. Local workers stop when the sweep process dies."""
     names = [c.run_name for c in configs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ValueError(f"the sweep has duplicate runs: {', '.join(duplicates)}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     with rundir.lock(out_dir, "sweep directory"):
-        return _run_locked(configs, out_dir, max(1, workers), progress, poll_s)
+        return _run_locked(configs, out_dir, max(1, workers), progress, poll_s, engine, backend, address, device)
 
 
 def _run_locked(
-    configs: list[DQNConfig], out_dir: Path, workers: int, progress: SweepProgress | None, poll_s: float
+    configs: list[DQNConfig],
+    out_dir: Path,
+    workers: int,
+    progress: SweepProgress | None,
+    poll_s: float,
+    engine: str,
+    backend: str,
+    address: str | None,
+    device: str,
 ) -> list[RunOutcome]:
     sweep_file = out_dir / "sweep.json"
     names = [c.run_name for c in configs]
@@ -359,7 +422,9 @@ def _run_locked(
         else:
             todo.append(cfg)
 
-    def record() -> None:
+    def record(new: list[RunOutcome] = ()) -> None:  # type: ignore[assignment]
+        for o in new:
+            outcomes[o.run] = o
         rundir.write_json(
             sweep_file,
             {
@@ -373,32 +438,59 @@ def _run_locked(
             done = sum(c.total_steps if c.run_name in outcomes else run_step(out_dir / c.run_name) for c in configs)
             progress(done, sum(c.total_steps for c in configs), len(outcomes), len(configs))
 
+    record()
+    report_progress()
+    batches = plan_batches(todo, workers, engine)
+    try:
+        if backend == "ray":
+            from reference_agent.experiments.ray_backend import run_batches_on_ray
+
+            run_batches_on_ray(batches, out_dir, address, device, record, report_progress, poll_s)
+        else:
+            _run_local(batches, out_dir, workers, device, record, report_progress, poll_s)
+    except _Interrupted:
+        raise SweepInterrupted([outcomes[n] for n in names if n in outcomes]) from None
+    return [outcomes[n] for n in names]
+
+
+class _Interrupted(Exception):
+    """Ctrl-C stopped the batches (each recorded its runs' outcomes)."""
+
+
+def _run_local(
+    batches: list[list[DQNConfig]],
+    out_dir: Path,
+    workers: int,
+    device: str,
+    record: Callable[[list[RunOutcome]], None],
+    report_progress: Callable[[], None],
+    poll_s: float,
+) -> None:
     context = get_context("spawn")
     running: list[_Worker] = []
 
-    def start(cfg: DQNConfig) -> None:
+    def start(batch: list[DQNConfig]) -> None:
         receive, send = context.Pipe(duplex=False)
-        run_dir = out_dir / cfg.run_name
+        name = batch[0].run_name if len(batch) == 1 else f"batch of {len(batch)}: {batch[0].run_name}, …"
         process = context.Process(
-            target=_run_one, args=(cfg.to_dict(), str(run_dir), os.getpid(), send), name=cfg.run_name
+            target=_run_batch,
+            args=([c.to_dict() for c in batch], [str(out_dir / c.run_name) for c in batch], device, os.getpid(), send),
+            name=name,
         )
         process.start()
         send.close()
-        running.append(_Worker(cfg, run_dir, process, receive))
+        running.append(_Worker(batch, out_dir, process, receive))
 
     def collect(timeout: float) -> None:
         ready = set(connection_wait([w.process.sentinel for w in running], timeout=timeout))
         for w in [w for w in running if w.process.sentinel in ready]:
-            outcome = w.outcome()
+            outcomes = w.outcomes()
             w.process.join()
             w.results.close()
             running.remove(w)
-            outcomes[outcome.run] = outcome
-            record()
+            record(outcomes)
 
-    record()
-    report_progress()
-    queue = list(todo)
+    queue = list(batches)
     try:
         while queue or running:
             while queue and len(running) < workers:
@@ -416,8 +508,7 @@ def _run_locked(
         finally:
             signal.signal(signal.SIGINT, previous)
         report_progress()
-        raise SweepInterrupted([outcomes[n] for n in names if n in outcomes]) from None
-    return [outcomes[n] for n in names]
+        raise _Interrupted from None
 
 
 class SweepInterrupted(KeyboardInterrupt):

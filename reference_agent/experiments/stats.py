@@ -7,7 +7,7 @@ Reinforcement Learning at the Edge of the Statistical Precipice" (NeurIPS), and 
 Terms used throughout:
 
 * a **score** is one number per run (per seed): its final return (the mean evaluation return over
-  its last k evaluations, :func:`reference_agent.results.final_return`), or a plasticity metric
+  its last k evaluations, :func:`reference_agent.experiments.results.final_return`), or a plasticity metric
   at the end of training;
 * a **stratum** is the scores of one configuration (one environment, one setting): its seeds;
 * the **stratified bootstrap** resamples seeds with replacement *within* each stratum,

@@ -2,7 +2,7 @@
 
 Per environment:
 * ``eval_<env>``: evaluation return, simple moving average per seed; the IQM over seeds and its
-  95 % bootstrap confidence band (seeds resampled, :func:`reference_agent.stats.curve_band`);
+  95 % bootstrap confidence band (seeds resampled, :func:`reference_agent.experiments.stats.curve_band`);
 * ``final_<env>``: the final return of every configuration (mean of the last ``window``
   evaluations of each run): IQM over seeds with its 95 % stratified bootstrap interval, and each
   seed as a dot;
@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from reference_agent import stats
 from reference_agent.config import DQNConfig, Reg
-from reference_agent.results import GroupCurve, Run, group_curves, plasticity_matrix, plasticity_series
+from reference_agent.experiments import stats
+from reference_agent.experiments.results import GroupCurve, Run, group_curves, plasticity_matrix, plasticity_series
 
 FORMATS = ("png", "svg")
 MAX_LINES = 8

@@ -1,0 +1,212 @@
+"""The batched engine: per-run cost of K runs in lockstep against the same K runs one after
+another in the same process, the batched-update implementations compared, and the physical
+limit (FLOPs of the paper preset, measured matmul throughput).
+
+    python -m bench.bench_engine runs [--k 8 25] [--env CartPole-v1] [--steps 4000]
+    python -m bench.bench_engine updates [--k 1 8 25]
+    python -m bench.bench_engine limit
+
+``runs``: wall time of whole runs, environments, evaluation, probing and checkpoints included
+(learning starts and τ scaled to the run length; evaluation every 5,000 steps, probes every 5,000
+and the Hessian every 10,000 as in the paper presets), one torch thread.
+The sequential and batched measurements alternate (``--rounds``) so that a shared machine's
+load falls on both; the ratio is of the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.func import functional_call, vmap
+
+from bench.common import one_thread, time_per_call
+
+
+def _configs(env_id: str, k: int, steps: int) -> list:
+    from reference_agent.config import DQNConfig, Reg
+    from reference_agent.experiments.sweep import scale_steps
+
+    regs = [Reg.none, Reg.l2, Reg.l2init, Reg.singular]
+    base = [
+        DQNConfig(
+            env_id=env_id,
+            seed=i,
+            reg=regs[i % 4],
+            lam=0.001 if regs[i % 4] is Reg.singular else 0.01,
+            hessian_every=10_000,  # as the presets
+        )
+        for i in range(k)
+    ]
+    # learning starts, τ, log and checkpoint intervals scale with the run; evaluation, probing and
+    # the Hessian keep the paper's intervals, so that they cost what they cost per step in the paper
+    return [scale_steps(c, steps, keep=("eval_every", "probe_every", "hessian_every")) for c in base]
+
+
+def bench_runs(env_id: str, ks: list[int], steps: int, rounds: int) -> None:
+    from reference_agent.engine import train, train_batch
+
+    print(
+        f"{env_id}, {steps} steps per run (learning starts, τ scaled; evaluation, probes, Hessian at the paper's "
+        "intervals), penalties none/l2/l2init/singular in turn"
+    )
+    print("| K | sequential µs/run-step | batched µs/run-step | ratio |")
+    print("|---|---|---|---|")
+    for k in ks:
+        cfgs = _configs(env_id, k, steps)
+        seq, bat = [], []
+        for _ in range(rounds):
+            out = Path(tempfile.mkdtemp())
+            try:
+                start = time.perf_counter()
+                for i, c in enumerate(cfgs):
+                    train(c, out / f"s{i}")
+                seq.append((time.perf_counter() - start) / (k * steps))
+                start = time.perf_counter()
+                train_batch(cfgs, [out / f"b{i}" for i in range(k)])
+                bat.append((time.perf_counter() - start) / (k * steps))
+            finally:
+                shutil.rmtree(out)
+        s, b = statistics.median(seq), statistics.median(bat)
+        print(f"| {k} | {s * 1e6:,.0f} | {b * 1e6:,.0f} | {b / s:.2f}× |", flush=True)
+
+
+# ---- one batched update, three ways ---------------------------------------------------------
+def _update_fns(k: int, sizes: tuple[int, ...], batch: int) -> dict[str, Callable[[], object]]:
+    from reference_agent.network import QNetwork
+    from reference_agent.stacked import StackedQ
+
+    g = torch.Generator().manual_seed(0)
+    obs = torch.randn(k, batch, sizes[0], generator=g)
+    nobs = torch.randn(k, batch, sizes[0], generator=g)
+    act = torch.randint(0, sizes[-1], (k, batch), generator=g)
+    rew = torch.randn(k, batch, generator=g)
+    term = torch.zeros(k, batch)
+    nets = [QNetwork(sizes[0], sizes[-1], sizes[1:-1]) for _ in range(k)]
+
+    # (a) hand-derived backward: the engine's update
+    online, target = StackedQ(nets), StackedQ(nets)
+    opt_a = torch.optim.Adam(online.params(), lr=1e-3, fused=True)
+
+    def hand() -> None:
+        with torch.no_grad():
+            y = rew + 0.99 * (1 - term) * target.q_values(nobs).amax(dim=2)
+            fwd = online.forward(obs)
+            q_sa = fwd.q.gather(2, act.unsqueeze(2)).squeeze(2)
+            grad_q = torch.zeros_like(fwd.q).scatter_(2, act.unsqueeze(2), ((q_sa - y) * (2 / batch)).unsqueeze(2))
+            for p, gr in zip(online.params(), online.backward(fwd, grad_q), strict=True):
+                p.grad = gr
+        opt_a.step()
+
+    # (b) the same batched matrix products, autograd backward
+    params_b = [p.clone().requires_grad_() for p in online.params()]
+    tgt_b = [p.clone() for p in online.params()]
+    opt_b = torch.optim.Adam(params_b, lr=1e-3, fused=True)
+
+    def mlp(x: torch.Tensor, ps: list[torch.Tensor]) -> torch.Tensor:
+        n = len(ps) // 2
+        for i in range(n):
+            x = torch.baddbmm(ps[2 * i + 1].unsqueeze(1), x, ps[2 * i].transpose(1, 2))
+            x = x.relu() if i < n - 1 else x
+        return x
+
+    def autograd_bmm() -> None:
+        with torch.no_grad():
+            y = rew + 0.99 * (1 - term) * mlp(nobs, tgt_b).amax(dim=2)
+        q_sa = mlp(obs, params_b).gather(2, act.unsqueeze(2)).squeeze(2)
+        loss = (q_sa - y).square().mean(dim=1).sum()
+        opt_b.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_b.step()
+
+    # (c) torch.func: vmap of functional_call over the stacked parameters, autograd backward
+    net = nets[0]
+    names = [n for n, _ in net.named_parameters()]
+    params_c = {n: p.clone().requires_grad_() for n, p in zip(names, online.params(), strict=True)}
+    tgt_c = {n: p.clone() for n, p in zip(names, online.params(), strict=True)}
+    opt_c = torch.optim.Adam(list(params_c.values()), lr=1e-3, fused=True)
+
+    def one_loss(
+        p: dict, tp: dict, o: torch.Tensor, no: torch.Tensor, a: torch.Tensor, r: torch.Tensor
+    ) -> torch.Tensor:
+        y = r + 0.99 * functional_call(net, tp, (no,)).amax(dim=1)
+        q = functional_call(net, p, (o,)).gather(1, a.unsqueeze(1)).squeeze(1)
+        return (q - y.detach()).square().mean()
+
+    batched_loss = vmap(one_loss)
+
+    def vmap_fc() -> None:
+        loss = batched_loss(params_c, tgt_c, obs, nobs, act, rew).sum()
+        opt_c.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_c.step()
+
+    return {"hand-derived backward (engine)": hand, "bmm + autograd": autograd_bmm, "vmap + functional_call": vmap_fc}
+
+
+def bench_updates(ks: list[int]) -> None:
+    sizes = (8, 64, 64, 4)  # LunarLander, the paper's network
+    print("one update (TD loss, backward, fused Adam), LunarLander sizes 8-64-64-4, batch 512, µs per run")
+    fns = {k: _update_fns(k, sizes, 512) for k in ks}
+    names = list(fns[ks[0]])
+    print("| implementation | " + " | ".join(f"K = {k}" for k in ks) + " |")
+    print("|---|" + "---|" * len(ks))
+    for name in names:
+        cells = [f"{time_per_call(fns[k][name], max(5, 200 // k), warmup=5) / k * 1e6:,.0f}" for k in ks]
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+
+
+# ---- the physical limit -----------------------------------------------------------------------
+def update_flops(obs_dim: int, n_actions: int, hidden: tuple[int, ...] = (64, 64), batch: int = 512) -> int:
+    """Multiply-adds ×2 of one update's matrix products: online and target forward, the weight
+    gradients and the input gradients of every layer but the first."""
+    sizes = (obs_dim, *hidden, n_actions)
+    layer = [a * b for a, b in itertools.pairwise(sizes)]
+    forward = 2 * batch * sum(layer)
+    return 2 * forward + forward + 2 * batch * sum(layer[1:])  # fwd online + target, dW, dX
+
+
+def bench_limit() -> None:
+    from reference_agent.experiments.sweep import PRESETS
+
+    dims = {"LunarLander-v3": (8, 4), "CartPole-v1": (4, 2), "MountainCar-v0": (2, 3)}
+    total = 0
+    for c in PRESETS["paper"](2):
+        updates = c.total_steps - c.learning_starts + 1
+        total += updates * update_flops(*dims[c.env_id], c.hidden_sizes, c.batch_size)
+    x, w = torch.randn(512, 64), torch.randn(64, 64)
+    mm = 2 * 512 * 64 * 64 / time_per_call(lambda: x @ w, 2000)
+    xb, wb = torch.randn(8, 512, 64), torch.randn(8, 64, 64)
+    bmm = 8 * 2 * 512 * 64 * 64 / time_per_call(lambda: torch.bmm(xb, wb), 300)
+    print(f"paper preset: {len(PRESETS['paper'](2))} runs, {total / 1e12:.1f} TFLOP of update matrix products")
+    print(f"measured float32 throughput, one thread: mm 512x64 @ 64x64 {mm / 1e9:.0f} GFLOP/s; ", end="")
+    print(f"bmm of 8 such products {bmm / 1e9:.0f} GFLOP/s")
+    print(f"physical limit of the updates: {total / mm / 60:.1f} min on one core, {total / mm / 120:.1f} min on two")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("part", choices=["runs", "updates", "limit"])
+    parser.add_argument("--k", type=int, nargs="+")
+    parser.add_argument("--env", default="CartPole-v1")
+    parser.add_argument("--steps", type=int, default=10_000)
+    parser.add_argument("--rounds", type=int, default=1)
+    args = parser.parse_args()
+    one_thread()
+    if args.part == "runs":
+        bench_runs(args.env, args.k or [8, 25], args.steps, args.rounds)
+    elif args.part == "updates":
+        bench_updates(args.k or [1, 8, 25])
+    else:
+        bench_limit()
+
+
+if __name__ == "__main__":
+    main()

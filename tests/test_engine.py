@@ -1,0 +1,256 @@
+"""The batched engine against independent ground truth: per-run ``nn.Module``s with autograd and
+``pp.SuccessiveRegularizer``; a run alone equals the same run inside a batch; batches resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import tiny_config
+
+import plasticity_probe as pp
+from reference_agent import rundir
+from reference_agent.config import DQNConfig
+from reference_agent.engine import EngineOptions, RunState, batch_key, td_loss, train, train_batch
+from reference_agent.network import QNetwork
+from reference_agent.penalties import StackedPenalty
+from reference_agent.replay import Batch
+from reference_agent.stacked import StackedQ
+
+PENALTIES = [
+    dict(reg="none"),
+    dict(reg="l2", lam=0.01, delta=1.25),
+    dict(reg="l2init", lam=0.01, delta=0.75),
+    dict(reg="l1", lam=0.01, delta=1.0),
+    dict(reg="singular", lam=0.001, delta=1.25),
+    dict(reg="l2", lam=0.01, delta=1.25, reg_variant="authors"),
+    dict(reg="l2init", lam=0.01, delta=1.25, reg_variant="authors"),
+    dict(reg="singular", lam=0.001, delta=1.25, reg_variant="authors"),
+    dict(reg="singular", lam=0.001, delta=1.0, reg_layers=("net.2",)),
+    dict(reg="l2init", lam=0.01, delta=1.25, reg_layers=("net.2", "net.4")),
+    dict(reg="l2", lam=0.01, delta=1.25, reg_every="target", target_update_period=4),
+]
+
+
+def _nets(cfgs: list[DQNConfig], obs_dim: int, n_actions: int) -> list[QNetwork]:
+    nets = []
+    for c in cfgs:
+        torch.manual_seed(c.seed)
+        nets.append(QNetwork(obs_dim, n_actions, c.hidden_sizes))
+    return nets
+
+
+@pytest.mark.parametrize("batch_size", [48, 16])  # n ≥ width and n < width for the singular Gram matrix
+def test_batched_update_equals_per_run_modules_with_autograd(batch_size: int) -> None:
+    """Three Adam steps of a batch of every penalty kind against each run's own QNetwork, its own
+    Adam and ``pp.SuccessiveRegularizer``: losses, penalties, per-term values and parameters."""
+    torch.manual_seed(123)
+    obs_dim, n_actions, hidden = 5, 3, (24, 24)
+    cfgs = [DQNConfig(hidden_sizes=hidden, seed=s, **p) for s, p in enumerate(PENALTIES)]  # type: ignore[arg-type]
+    nets = _nets(cfgs, obs_dim, n_actions)
+    online, target = StackedQ(nets), StackedQ(nets)
+    penalty = StackedPenalty(cfgs, nets, [p.clone() for p in online.params()], torch.device("cpu"))
+    opt = torch.optim.Adam(online.params(), lr=1e-2, fused=True)
+    # independent references
+    ref_q = [QNetwork(obs_dim, n_actions, hidden) for _ in cfgs]
+    ref_t = [QNetwork(obs_dim, n_actions, hidden) for _ in cfgs]
+    for q, t, n in zip(ref_q, ref_t, nets, strict=True):
+        q.load_state_dict(n.state_dict())
+        t.load_state_dict(n.state_dict())
+        with torch.no_grad():  # a target different from the online network
+            for p in t.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    for k, t in enumerate(ref_t):
+        target.load_state_dict(k, t.state_dict())
+    ref_opt = [torch.optim.Adam(q.parameters(), lr=1e-2) for q in ref_q]
+    regs = [
+        None
+        if c.reg.value == "none"
+        else pp.SuccessiveRegularizer(
+            q,
+            c.reg.value,
+            c.lam,
+            c.delta,
+            every=c.target_update_period if c.reg_every.value == "target" else 1,
+            layers=list(c.reg_layers) or None,
+            variant=c.reg_variant,
+        )
+        for c, q in zip(cfgs, ref_q, strict=True)
+    ]
+    k = len(cfgs)
+    for step in (3, 4, 5):  # step 4: the target-only run's penalty is added
+        batch = Batch(
+            obs=torch.randn(k, batch_size, obs_dim),
+            actions=torch.randint(0, n_actions, (k, batch_size)),
+            rewards=torch.randn(k, batch_size),
+            next_obs=torch.randn(k, batch_size, obs_dim),
+            terminated=(torch.rand(k, batch_size) < 0.2).float(),
+        )
+        # the engine's update, written as in _Engine._update
+        with torch.no_grad():
+            y = batch.rewards + 0.99 * (1 - batch.terminated) * target.q_values(batch.next_obs).amax(dim=2)
+            fwd = online.forward(batch.obs)
+            q_sa = fwd.q.gather(2, batch.actions.unsqueeze(2)).squeeze(2)
+            err = q_sa - y
+            grad_q = torch.zeros_like(fwd.q).scatter_(
+                2, batch.actions.unsqueeze(2), (err * 2 / batch_size).unsqueeze(2)
+            )
+            pen, pgrads, fgrads = penalty(step, online.params(), fwd)
+            grads = online.backward(fwd, grad_q, fgrads)
+            for p, g, extra in zip(online.params(), grads, pgrads, strict=True):
+                p.grad = g if extra is None else g + extra
+        opt.step()
+        for r in range(k):
+            loss, _, _ = td_loss(ref_q[r], ref_t[r], batch.run(r), 0.99)
+            ref_pen = regs[r](step) if regs[r] is not None else torch.zeros(())  # type: ignore[misc]
+            ref_opt[r].zero_grad()
+            (loss + ref_pen).backward()
+            ref_opt[r].step()
+            assert float(err[r].square().mean()) == pytest.approx(float(loss), rel=1e-5)
+            assert float(pen[r]) == pytest.approx(float(ref_pen), rel=1e-4, abs=1e-7), cfgs[r].run_name
+            ref_terms = {n: float(v) for n, v in (regs[r].last_terms if regs[r] else {}).items()}  # type: ignore[union-attr]
+            assert penalty.last_terms(r) == pytest.approx(ref_terms, rel=1e-4, abs=1e-7), cfgs[r].run_name
+            for name, p in ref_q[r].state_dict().items():
+                torch.testing.assert_close(online.state_dict(r)[name], p, rtol=1e-4, atol=1e-6, msg=cfgs[r].run_name)
+
+
+def test_module_views_share_storage_with_the_stack() -> None:
+    nets = _nets([DQNConfig(seed=s) for s in range(3)], 4, 2)
+    stack = StackedQ(nets)
+    view = stack.module(1)
+    torch.testing.assert_close(view(torch.ones(2, 4)), nets[1](torch.ones(2, 4)))
+    with torch.no_grad():
+        view.net[2].weight.mul_(0.0)  # an intervention on the run's module reaches the stack
+    assert float(stack.weights[1][1].abs().sum()) == 0.0 and float(stack.weights[1][0].abs().sum()) > 0
+
+
+def _records(run: Path, kind: str) -> list[dict]:
+    return [r for r in rundir.read_jsonl(run / "metrics.jsonl") if r["kind"] == kind]
+
+
+def test_a_run_alone_equals_the_same_run_inside_a_batch(tmp_path: Path) -> None:
+    """Seed 0 with the l2init penalty, alone (K = 1) and as one of 4 runs of a batch (other seeds,
+    other penalties): the same losses, Q-values and targets over the first few hundred updates."""
+    common = dict(total_steps=900, learning_starts=300, log_every=50)
+    me = tiny_config(reg="l2init", **common)
+    others = [
+        tiny_config(seed=1, **common),
+        tiny_config(seed=2, reg="singular", lam=0.001, **common),
+        tiny_config(seed=3, reg="l2", reg_every="target", **common),
+    ]
+    alone = train(me, tmp_path / "alone")
+    batch = train_batch([others[0], me, *others[1:]], [tmp_path / f"b{i}" for i in range(4)])
+    assert alone.state == "finished" and all(r.state == "finished" for r in batch)
+    a, b = _records(tmp_path / "alone", "update"), _records(tmp_path / "b1", "update")
+    assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) == 13  # 601 updates
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("loss", "q_mean", "target_mean", "penalty"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-6), (ra["step"], key)
+    assert _records(tmp_path / "alone", "train_episode")[:5] == _records(tmp_path / "b1", "train_episode")[:5]
+    assert _records(tmp_path / "b0", "update")[0]["loss"] != a[0]["loss"]  # the other runs are other runs
+
+
+def test_a_batch_resumes_all_its_runs_after_sigint(tmp_path: Path) -> None:
+    cfgs = [tiny_config(reg="l2init"), tiny_config(seed=1, reg="singular", lam=0.001)]
+    full = train_batch(cfgs, [tmp_path / "full0", tmp_path / "full1"])
+    assert [r.state for r in full] == ["finished", "finished"]
+
+    def interrupt(step: int, total: int, info: dict[str, float]) -> None:
+        if step == 700:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    dirs = [tmp_path / "cut0", tmp_path / "cut1"]
+    stopped = train_batch(cfgs, dirs, progress=interrupt)
+    assert [(r.state, r.step) for r in stopped] == [("interrupted", 700)] * 2
+    resumed = train_batch([None, None], dirs, resume=True)
+    assert [r.state for r in resumed] == ["finished", "finished"]
+    for i in (0, 1):
+        for name in ("metrics.jsonl", "plasticity.jsonl"):
+            assert (tmp_path / f"full{i}" / name).read_text() == (dirs[i] / name).read_text()
+
+
+def test_batches_need_a_shared_shape_and_hooks_see_each_run(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="share"):
+        train_batch([tiny_config(), tiny_config(seed=1, batch_size=16)], [tmp_path / "a", tmp_path / "b"])
+    assert batch_key(tiny_config(seed=3, reg="l2", lam=0.1)) == batch_key(tiny_config())
+    seen: list[tuple[int, int, str]] = []
+
+    def hook(step: int, run: RunState) -> None:
+        if step % 200 == 0:
+            seen.append((step, run.index, next(iter(run.optimizer_state()))))
+            assert run.q(torch.zeros(1, 4)).shape == (1, 2)
+
+    cfgs = [tiny_config(total_steps=600), tiny_config(seed=1, total_steps=600)]
+    train_batch(cfgs, [tmp_path / "h0", tmp_path / "h1"], options=EngineOptions(hooks=[hook]))
+    assert seen == [(s, i, "net.0.weight") for s in (400, 600) for i in (0, 1)]
+
+
+def test_one_diverging_run_stops_alone(tmp_path: Path) -> None:
+    bad = tiny_config(total_steps=1200, seed=5, reg="l2", lam=1e38)  # λ‖θ‖² overflows float32
+    results = train_batch([bad, tiny_config(total_steps=1200, seed=6)], [tmp_path / "d", tmp_path / "g"])
+    assert results[0].state == "diverged" and results[1].state == "finished"
+    assert json.loads((tmp_path / "d" / "status.json").read_text())["state"] == "diverged"
+    assert _records(tmp_path / "g", "eval")[-1]["step"] == 1200
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_end_to_end_matches_the_cpu(tmp_path: Path) -> None:
+    cfg = tiny_config(reg="singular", lam=0.001, total_steps=600)
+    cpu = train(cfg, tmp_path / "cpu")
+    gpu = train(cfg, tmp_path / "gpu", options=EngineOptions(device="cuda"))
+    assert cpu.state == gpu.state == "finished"
+    a, b = _records(tmp_path / "cpu", "update"), _records(tmp_path / "gpu", "update")
+    assert float(np.abs(a[0]["loss"] - b[0]["loss"])) <= 1e-3 * max(1.0, abs(a[0]["loss"]))
+    assert (tmp_path / "gpu" / "plasticity.jsonl").read_text()
+
+
+def test_interventions_act_on_their_run_only(tmp_path: Path) -> None:
+    """ReDo inside a batch of 2 (seeds 0 and 1): each run's intervention equals the same run's
+    alone (so it changed only its own slice of the stacked parameters and Adam moments)."""
+    common = dict(total_steps=900, learning_starts=300, log_every=50, intervention="redo", intervention_every=200)
+    me, other = tiny_config(**common), tiny_config(seed=1, **common)
+    train(me, tmp_path / "alone")
+    train_batch([other, me], [tmp_path / "b0", tmp_path / "b1"])
+    alone = list(rundir.read_jsonl(tmp_path / "alone" / rundir.INTERVENTIONS))
+    inside = list(rundir.read_jsonl(tmp_path / "b1" / rundir.INTERVENTIONS))
+    assert [r["step"] for r in alone] == [500, 700, 900] == [r["step"] for r in inside]
+    assert [r["units_reset"] for r in alone] == [r["units_reset"] for r in inside]
+    for ra, rb in zip(alone, inside, strict=True):
+        assert ra["dormant_after"] == pytest.approx(rb["dormant_after"], abs=1e-6)
+    a, b = _records(tmp_path / "alone", "update"), _records(tmp_path / "b1", "update")
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4, abs=1e-6), ra["step"]
+
+
+def test_run_adam_resets_exactly_its_own_slice() -> None:
+    from reference_agent.engine import RunAdam
+
+    torch.manual_seed(0)
+    nets = [QNetwork(4, 2, (8, 8)) for _ in range(2)]
+    stack = StackedQ(nets, torch.device("cpu"))
+    optimizer = torch.optim.Adam(stack.params(), lr=1e-3)
+    for p in stack.params():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    before = {id(p): {k: v.clone() for k, v in optimizer.state[p].items()} for p in stack.params()}
+    own = stack.module(1)
+    bridge = RunAdam(optimizer, stack.params(), own, 1)
+    first = next(own.parameters())
+    bridge.state[first]["exp_avg"][0] = 0.0  # a per-entry reset (ReDo) writes into the stack
+    bridge.state.pop(list(own.parameters())[-1])  # dropping a parameter's state zeroes its moments
+    for j, p in enumerate(stack.params()):
+        now, was = optimizer.state[p], before[id(p)]
+        for key in ("exp_avg", "exp_avg_sq"):  # the other run's slice: untouched
+            assert torch.equal(now[key][0], was[key][0])
+        assert torch.equal(now["step"], was["step"])  # shared by the stack: kept
+        if j == 0:
+            assert not now["exp_avg"][1][0].any() and torch.equal(now["exp_avg"][1][1:], was["exp_avg"][1][1:])
+        elif j == len(before) - 1:
+            assert not now["exp_avg"][1].any() and not now["exp_avg_sq"][1].any()
+        else:
+            assert torch.equal(now["exp_avg"][1], was["exp_avg"][1])
