@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--env-id", default="CartPole-v1")
     parser.add_argument("--timesteps", type=int, default=50_000)
     parser.add_argument("--penalty", default="l2init", choices=["l2", "l2init", "l1", "singular"])
-    parser.add_argument("--lam", type=float, default=0.001)
+    parser.add_argument("--lam", type=float, default=1e-4)
     parser.add_argument("--delta", type=float, default=1.25)
     parser.add_argument("--probe-every", type=int, default=1_000)
     parser.add_argument("--eval-episodes", type=int, default=10)

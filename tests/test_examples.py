@@ -46,8 +46,8 @@ def test_sb3_example(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_sb3_example_learns_cartpole(tmp_path: Path) -> None:
-    """The default settings (50k steps) measured 164 ± 36 greedy return (10 episodes, seed 0);
-    a random policy gets about 20."""
+    """The default settings (50k steps, λ = 1e-4) measured 469.5 ± 31.5 greedy return (10 episodes,
+    seed 0) and 500.0 ± 0.0 (seed 1); CartPole-v1's maximum is 500, a random policy gets about 20."""
     stdout, _ = run_example("sb3_dqn.py", tmp_path)
     greedy = float(stdout.split("episodes: ")[1].split()[0])
-    assert greedy >= 150, stdout
+    assert greedy >= 400, stdout
