@@ -180,7 +180,7 @@ def sweep(
         Preset | None,
         typer.Option(
             help="One of the paper's grids; smoke: paper-cartpole in 5,000 steps (a minute); paper5: paper with "
-            "5 seeds; definitive: issue 14's rerun (paper grids with 10 seeds on LunarLander and CartPole, 5 on "
+            "5 seeds; definitive: the rerun that settles the claims (paper grids with 10 seeds on LunarLander and CartPole, 5 on "
             "MountainCar, plus alternatives); alternatives: authors'-code variants, L2 δ=1, ReDo, Shrink & Perturb."
         ),
     ] = None,
@@ -231,7 +231,7 @@ def sweep(
 
       probe sweep --preset paper-cartpole --workers 2
 
-      probe sweep --preset definitive --out sweeps/definitive   # issue 14's rerun
+      probe sweep --preset definitive --out sweeps/definitive
 
       probe sweep --preset paper-cartpole --steps 20000 --set lam=0.001,0.01
 

@@ -156,7 +156,7 @@ def alternatives(env_id: str, seeds: int = 5) -> list[DQNConfig]:
 
 
 def definitive(seeds: int = 5) -> list[DQNConfig]:
-    """The rerun of issue 14: the paper's three presets and the alternatives, ``seeds`` seeds per
+    """The definitive rerun (docs/reproduction.md): the paper's three presets and the alternatives, ``seeds`` seeds per
     configuration (at least 5) and twice as many on the environments of ``SMALL_MARGIN_ENVS``."""
     seeds = max(seeds, 5)
     configs = []
