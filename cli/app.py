@@ -181,7 +181,8 @@ def sweep(
         typer.Option(
             help="One of the paper's grids; smoke: paper-cartpole in 5,000 steps (a minute); paper5: paper with "
             "5 seeds; definitive: the rerun that settles the claims (paper grids with 10 seeds on LunarLander "
-            "and CartPole, 5 on MountainCar, plus alternatives); alternatives: authors'-code variants, L2 δ=1, ReDo, Shrink & Perturb."
+            "and CartPole, 5 on MountainCar, plus alternatives); alternatives: authors'-code variants, L2 δ=1, "
+            "ReDo, Shrink & Perturb."
         ),
     ] = None,
     grid: Annotated[Path | None, typer.Option(help=escape("JSON/TOML file of field = [values]."))] = None,
