@@ -1,56 +1,13 @@
 """The Lanczos of ``plasticity_probe.hessian`` before issue 12, kept only as the benchmark's
 baseline: full reorthogonalization against a float64 basis of ``max_iter × n`` allocated up front.
-Not part of the library; do not import it from anywhere but ``bench/``."""
+It runs on the library's own ``HessianOperator`` (unchanged in its products), so the comparison
+is of the eigensolvers alone. Not part of the library; do not import it from anywhere but ``bench/``."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import torch
-
-
-class HessianOperator:
-    """``v ↦ H v`` for ``H = ∇²_θ loss_fn()``, built from one gradient graph.
-
-    Parameters that get no gradient, or whose gradient does not depend on θ, contribute zero
-    rows and columns. ``.grad`` of the parameters is never touched. Vectors are flat float64
-    CPU tensors of length ``n``; products are computed in the parameters' dtype and device.
-    """
-
-    def __init__(self, loss_fn: Callable[[], torch.Tensor], params: list[torch.Tensor]) -> None:
-        self.params = params
-        self.n = sum(p.numel() for p in params)
-        self.n_hvp = 0
-        with torch.enable_grad():
-            loss = loss_fn()
-            if loss.ndim != 0:
-                raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
-            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-        self._grads = [(i, g) for i, g in enumerate(grads) if g is not None and g.requires_grad]
-
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        self.n_hvp += 1
-        out = torch.zeros(self.n, dtype=torch.float64)
-        if not self._grads:
-            return out
-        chunks = [
-            c.reshape(p.shape).to(device=p.device, dtype=p.dtype)
-            for c, p in zip(v.split([p.numel() for p in self.params]), self.params, strict=True)
-        ]
-        with torch.enable_grad():
-            dot = torch.stack([(g * chunks[i]).sum() for i, g in self._grads]).sum()
-            hv = torch.autograd.grad(dot, self.params, retain_graph=True, allow_unused=True)
-        offset = 0
-        for p, h in zip(self.params, hv, strict=True):
-            if h is not None:
-                out[offset : offset + p.numel()] = h.detach().reshape(-1).to(device="cpu", dtype=torch.float64)
-            offset += p.numel()
-        return out
-
-    def dense(self) -> torch.Tensor:
-        """The full symmetric Hessian from n products (for small n only)."""
-        h = torch.stack([self.matvec(e) for e in torch.eye(self.n, dtype=torch.float64)], dim=1)
-        return (h + h.T) / 2
 
 
 def lanczos_extremes(

@@ -96,10 +96,9 @@ def run_one(method: str, net: str) -> dict[str, float | int | str]:
         spec = pp.hessian_spectrum(loss, q)
         lmax, lmin, hvps = spec.lambda_max, spec.lambda_min, spec.n_hvp
     elif method == "old":
-        from bench._old_hessian import HessianOperator as OldOperator
         from bench._old_hessian import lanczos_extremes
 
-        old_op = OldOperator(loss, params)
+        old_op = HessianOperator(loss, params)
         top, low, _ = lanczos_extremes(old_op.matvec, old_op.n)
         lmax, lmin, hvps = float(top[0]), float(low), old_op.n_hvp
     elif method == "dense":
