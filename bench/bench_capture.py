@@ -10,19 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bench.common import BATCH, N_ACTIONS, OBS_DIM, one_thread, time_per_call
+from bench.common import BATCH, N_ACTIONS, OBS_DIM, nature_cnn, one_thread, time_per_call
 from plasticity_probe.layers import DataFlowTracer
 from reference_agent.network import QNetwork
-
-
-def nature_cnn(n_actions: int = 6) -> nn.Module:
-    """CleanRL's ``dqn_atari`` QNetwork (Mnih et al. 2015), for 4 × 84 × 84 frames scaled to [0, 1]."""
-    return nn.Sequential(
-        nn.Conv2d(4, 32, 8, stride=4), nn.ReLU(),
-        nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),
-        nn.Conv2d(64, 64, 3, stride=1), nn.ReLU(),
-        nn.Flatten(), nn.Linear(3136, 512), nn.ReLU(), nn.Linear(512, n_actions),
-    )  # fmt: skip
 
 
 def ratio(model: nn.Module, batch: torch.Tensor, repeats: int) -> tuple[float, float]:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.common import BATCH, N_ACTIONS, OBS_DIM, one_thread
+from bench.common import BATCH, N_ACTIONS, OBS_DIM, nature_cnn, one_thread
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("dense", "old", "new", "arpack", "pyhessian", "eigenthings")
@@ -37,22 +37,6 @@ METHODS = ("dense", "old", "new", "arpack", "pyhessian", "eigenthings")
 
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def nature_cnn(n_actions: int = 6) -> nn.Module:
-    """CleanRL dqn_atari.py QNetwork."""
-    return nn.Sequential(
-        nn.Conv2d(4, 32, 8, stride=4),
-        nn.ReLU(),
-        nn.Conv2d(32, 64, 4, stride=2),
-        nn.ReLU(),
-        nn.Conv2d(64, 64, 3, stride=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(3136, 512),
-        nn.ReLU(),
-        nn.Linear(512, n_actions),
-    )
 
 
 def setup(net: str) -> tuple[nn.Module, Callable[[], torch.Tensor], tuple[torch.Tensor, ...]]:
