@@ -4,9 +4,10 @@ fused Adam step), measured in the same run, one torch thread.
 
     python -m bench.bench_probes
 
-The gradient metrics are timed from the TD-loss closure, as ``Probe.measure(gradients=True)``
-will call them: one ``torch.autograd.grad`` of the TD loss (pre-activation gradients for GraMa
-via ``retain_grad``) plus the per-layer reductions.
+The gradient metrics are timed through the library, as a user calls them:
+``Probe.measure(loss_fn=td_loss, gradients=True)`` against ``Probe.measure()`` on the same batch
+(one differentiable capture of the closure and one ``torch.autograd.grad`` for every parameter
+and every layer's pre-activation output, plus the per-layer reductions).
 """
 
 from __future__ import annotations
@@ -35,9 +36,8 @@ def main() -> None:
     )
     q = QNetwork(OBS_DIM, N_ACTIONS)
     target = copy.deepcopy(q)
-    init = [p.detach().clone() for p in q.parameters()]
     optimizer = torch.optim.Adam(q.parameters(), lr=1e-3, fused=True)
-    linears = [m for m in q.modules() if isinstance(m, torch.nn.Linear)]
+    probe = pp.Probe(q, probe_batch=batch.obs)  # θ_0 for distance_from_init: now
 
     def update() -> None:
         loss = td_loss(q, target, batch, 0.99)[0]
@@ -45,31 +45,20 @@ def main() -> None:
         loss.backward()
         optimizer.step()
 
-    def grad_metrics() -> None:
-        pre: list[torch.Tensor] = []
-        hooks = [m.register_forward_hook(lambda _m, _i, out: (out.retain_grad(), pre.append(out))[1]) for m in linears]
-        loss = td_loss(q, target, batch, 0.99)[0]
-        for h in hooks:
-            h.remove()
-        params = [list(m.parameters()) for m in linears]
-        grads = torch.autograd.grad(loss, [p for ps in params for p in ps] + pre)
-        offset = 0
-        for i, ps in enumerate(params):
-            g = grads[offset : offset + len(ps)]
-            offset += len(ps)
-            pp.grad_norm(g)
-            pp.grad_to_weight_ratio(g, ps)
-            pp.grad_dormant_fraction(grads[-len(pre) + i])
-
-    def distance() -> None:
-        for m, (w0, b0) in zip(linears, zip(init[::2], init[1::2], strict=True), strict=True):
-            pp.distance_from_init(m, [w0, b0])
+    def closure() -> torch.Tensor:
+        return td_loss(q, target, batch, 0.99)[0]
 
     update_s = time_per_call(update, repeats=200)
+    features = time_per_call(lambda: probe.measure(), repeats=50)
+    with_gradients = time_per_call(lambda: probe.measure(loss_fn=closure, gradients=True), repeats=50)
     rows = {
         "one DQN update (reference)": update_s,
-        "grad_norm + grad_to_weight_ratio + grad_dormant_fraction, 3 layers": time_per_call(grad_metrics, repeats=100),
-        "distance_from_init, 3 layers": time_per_call(distance, repeats=200),
+        "Probe.measure(): weight and feature metrics incl. distance_from_init, 3 layers": features,
+        "Probe.measure(loss_fn, gradients=True): the same + gradient metrics": with_gradients,
+        "gradient metrics alone (the difference)": with_gradients - features,
+        "distance_from_init, whole network": time_per_call(
+            lambda: pp.distance_from_init(q, list(probe.init.values())), repeats=200
+        ),
     }
     pp.trainability(q, batch.obs, steps=2)  # warm-up
     times = []
