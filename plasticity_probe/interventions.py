@@ -33,7 +33,7 @@ from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.nn.utils import parametrize
 
-from plasticity_probe.layers import DataFlowTracer, LayerInfo, Trace, call_model, display_name
+from plasticity_probe.layers import DataFlowTracer, LayerInfo, SkippedModule, Trace, call_model, display_name
 
 __all__ = [
     "Intervention",
@@ -41,7 +41,6 @@ __all__ = [
     "LayerReset",
     "ReDo",
     "ResetRecord",
-    "SkippedLayer",
     "reset_layers",
     "shrink_perturb",
     "unit_scores",
@@ -63,14 +62,6 @@ _default_calls = itertools.count()
 
 # --------------------------------------------------------------------------- records
 @dataclass(frozen=True)
-class SkippedLayer:
-    """A layer an intervention left alone, and why."""
-
-    layer: str
-    reason: str
-
-
-@dataclass(frozen=True)
 class LayerReset:
     """What an intervention did to one layer: how many of its ``units`` were reset (their
     indices), and the layers whose outgoing weights were zeroed (ReDo)."""
@@ -90,7 +81,7 @@ class ResetRecord:
 
     kind: str
     layers: list[LayerReset] = field(default_factory=list)
-    skipped: list[SkippedLayer] = field(default_factory=list)
+    skipped: list[SkippedModule] = field(default_factory=list)
     params: tuple[str, ...] = ()
     """Qualified names of the parameters that changed (entries or whole tensors)."""
     settings: dict[str, Any] = field(default_factory=dict)
@@ -114,7 +105,7 @@ class ResetRecord:
                 r.layer: {"index": r.index, "units": r.units, "reset": r.reset, "consumers": list(r.consumers)}
                 for r in self.layers
             },
-            "skipped": {s.layer: s.reason for s in self.skipped},
+            "skipped": {s.name: s.reason for s in self.skipped},
         }
 
 
@@ -411,7 +402,7 @@ class ReDo:
         return trace, scores
 
     # ------------------------------------------------------------------ planning
-    def _plan(self, trace: Trace, scores: dict[str, torch.Tensor]) -> tuple[list[_Plan], list[SkippedLayer]]:
+    def _plan(self, trace: Trace, scores: dict[str, torch.Tensor]) -> tuple[list[_Plan], list[SkippedModule]]:
         infos = {info.name: info for info in trace.layers}
         modules = dict(self._eager.named_modules())
         plans, skipped = [], []
@@ -420,7 +411,7 @@ class ReDo:
                 continue
             reason, plan = self._plan_layer(info, trace, scores.get(info.name), infos, modules)
             if reason is not None:
-                skipped.append(SkippedLayer(info.name, reason))
+                skipped.append(SkippedModule(info.name, reason))
             elif plan is not None:
                 plans.append(plan)
         return plans, skipped
@@ -706,7 +697,7 @@ def shrink_perturb(
     return ResetRecord(
         "shrink_perturb",
         [],
-        [SkippedLayer(n, "no module initializer covers it: left unchanged") for n in uncovered],
+        [SkippedModule(n, "no module initializer covers it: left unchanged") for n in uncovered],
         tuple(changed),
         {"shrink": shrink, "perturb": perturb, "seed": seed},
     )
@@ -756,7 +747,7 @@ def reset_layers(
     return ResetRecord(
         "reset_layers",
         layers,
-        [SkippedLayer(n, "no module initializer covers it: left unchanged") for n in uncovered],
+        [SkippedModule(n, "no module initializer covers it: left unchanged") for n in uncovered],
         tuple(changed),
         {"names": [display_name(n) for n in names], "seed": seed},
     )

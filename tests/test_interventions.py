@@ -202,7 +202,7 @@ def run_redo_case(
     assert {r.layer: set(r.indices) for r in record.layers} == dormant
     assert {r.layer: set(r.consumers) for r in record.layers} == {k: {c for c, _ in v} for k, v in consumers.items()}
     for layer, fragment in skipped.items():
-        assert fragment in {s.layer: s.reason for s in record.skipped}[layer]
+        assert fragment in {s.name: s.reason for s in record.skipped}[layer]
     rows, cols = expected_masks(model, dormant, consumers)
     check_redo(model, before, opt, opt_before, rows, cols)
     return record
@@ -279,7 +279,7 @@ def test_redo_residual_mlp_skips_the_stream() -> None:
     silence(model.l1, [2, 3])
     before, opt_before = copy.deepcopy(model), copy.deepcopy(opt.state_dict())
     record = pp.ReDo(model, opt).reset(x)
-    reasons = {s.layer: s.reason for s in record.skipped}
+    reasons = {s.name: s.reason for s in record.skipped}
     assert set(reasons) == {"inp", "l2", "head"}
     assert "mixes units" in reasons["inp"] and "mixes units" in reasons["l2"] and "output layer" in reasons["head"]
     raw = record_features(model, {"l1": model.l1}, x)
@@ -322,7 +322,7 @@ def test_redo_skips_layernorm_chain() -> None:
     model = NormMLP(nn.LayerNorm)
     before = copy.deepcopy(model)
     record = pp.ReDo(model).reset(torch.randn(8, 5))
-    assert "normalizes over the units" in {s.layer: s.reason for s in record.skipped}["fc"]
+    assert "normalizes over the units" in {s.name: s.reason for s in record.skipped}["fc"]
     assert all(
         torch.equal(a, b) for a, b in zip(model.state_dict().values(), before.state_dict().values(), strict=True)
     )
@@ -404,7 +404,7 @@ def test_shrink_perturb_lists_parameters_without_initializer_and_resets_optimize
     opt = adam_with_state(model, torch.randn(4, 3))
     log_std = model.log_std.detach().clone()
     record = pp.shrink_perturb(model, optimizer=opt)
-    assert [s.layer for s in record.skipped] == ["log_std"] and torch.equal(model.log_std, log_std)
+    assert [s.name for s in record.skipped] == ["log_std"] and torch.equal(model.log_std, log_std)
     assert model.fc.weight not in opt.state and model.log_std in opt.state
 
 
@@ -580,7 +580,7 @@ def test_redo_skips_layouts_it_cannot_verify() -> None:
     model = PerChannel()
     before = copy.deepcopy(model)
     record = pp.ReDo(model).reset(torch.randn(4, 2, 6, 6))
-    assert "reshape" in {s.layer: s.reason for s in record.skipped}["conv"]
+    assert "reshape" in {s.name: s.reason for s in record.skipped}["conv"]
     assert all(
         torch.equal(a, b) for a, b in zip(model.state_dict().values(), before.state_dict().values(), strict=True)
     )
@@ -618,7 +618,7 @@ def test_a_parameter_free_layer_norm_in_the_chain_is_seen() -> None:
         model.a.bias[:2] = -100.0
     before = copy.deepcopy(model)
     record = pp.ReDo(model).reset(torch.randn(6, 3))
-    assert "layer_norm" in {s.layer: s.reason for s in record.skipped}["a"]
+    assert "layer_norm" in {s.name: s.reason for s in record.skipped}["a"]
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before.parameters(), strict=True))
     trace_layers = pp.discover_layers(model, torch.randn(2, 3))[0]
     assert trace_layers[0].chain == ("layer_norm", "relu")
