@@ -682,11 +682,8 @@ def shrink_perturb(
     """
     if shrink < 0 or perturb < 0:
         raise ValueError(f"shrink_perturb: need shrink >= 0 and perturb >= 0, got {shrink}, {perturb}")
-    targets, uncovered = _resettable(model, None)
-    seed = _seed_from(generator)
+    fresh, skipped, seed = _fresh_targets(model, None, generator)
     changed: list[str] = []
-    with _private_rng(seed, model):
-        fresh = [(path, module, _fresh_copy(module)) for path, module in targets]
     for path, module, module_fresh in fresh:
         fresh_params = dict(module_fresh.named_parameters())
         for rel, p in module.named_parameters():
@@ -697,10 +694,22 @@ def shrink_perturb(
     return ResetRecord(
         "shrink_perturb",
         [],
-        [SkippedModule(n, "no module initializer covers it: left unchanged") for n in uncovered],
+        skipped,
         tuple(changed),
         {"shrink": shrink, "perturb": perturb, "seed": seed},
     )
+
+
+def _fresh_targets(
+    model: nn.Module, names: Sequence[str] | None, generator: torch.Generator | None
+) -> tuple[list[tuple[str, nn.Module, nn.Module]], list[SkippedModule], int]:
+    """The modules to re-draw (all of ``model``'s, or ``names``) with a fresh copy of each drawn
+    under the seed taken from ``generator``; the parameters no initializer covers, as skipped."""
+    targets, uncovered = _resettable(model, names)
+    seed = _seed_from(generator)
+    with _private_rng(seed, model):
+        fresh = [(path, module, _fresh_copy(module)) for path, module in targets]
+    return fresh, [SkippedModule(n, "no module initializer covers it: left unchanged") for n in uncovered], seed
 
 
 @torch.no_grad()
@@ -721,11 +730,8 @@ def reset_layers(
     """
     if not names:
         raise ValueError("reset_layers: give at least one module name")
-    targets, uncovered = _resettable(model, names)
-    seed = _seed_from(generator)
+    fresh, skipped, seed = _fresh_targets(model, names, generator)
     changed: list[str] = []
-    with _private_rng(seed, model):
-        fresh = [(path, module, _fresh_copy(module)) for path, module in targets]
     for path, module, module_fresh in fresh:
         fresh_state = _owned(module_fresh)
         for rel, (sub, attr) in _owned(module).items():
@@ -747,7 +753,7 @@ def reset_layers(
     return ResetRecord(
         "reset_layers",
         layers,
-        [SkippedModule(n, "no module initializer covers it: left unchanged") for n in uncovered],
+        skipped,
         tuple(changed),
         {"names": [display_name(n) for n in names], "seed": seed},
     )
