@@ -61,6 +61,7 @@ __all__ = [
     "layer_candidates",
     "measuring",
     "private_copy",
+    "stack_calls",
 ]
 
 ROOT_NAME = "(root)"
@@ -724,15 +725,11 @@ class DataFlowTracer:
                 if chain.ended_at is not None and chain.head._version != chain.ended_at:
                     notes.append(f"{info.name}: features changed in place through a view after their chain ended")
                 x = chain.head.detach() if self._private(chain) else self._copy(chain.head)
-            if info.kind != "conv":
-                x = x.reshape(-1, x.shape[-1]) if x.ndim >= 2 else x.reshape(1, -1)
             values.append(x)
-        if len(values) == 1:
-            return values[0]
-        if all(v.shape[1:] == values[0].shape[1:] for v in values):
-            return torch.cat(values)
-        notes.append(f"{info.name}: calls with different feature shapes; features are (positions, channels)")
-        return torch.cat([v.movedim(1, -1).reshape(-1, v.shape[1]) for v in values])
+        stacked, uniform = stack_calls(values, conv=info.kind == "conv")
+        if not uniform:
+            notes.append(f"{info.name}: calls with different feature shapes; features are (positions, channels)")
+        return stacked
 
     def _groups(self, layers: list[LayerInfo]) -> list[ParamGroup]:
         assigned = {p for info in layers for p in info.params}
@@ -763,6 +760,18 @@ class DataFlowTracer:
 
     def _consumer_lists(self) -> dict[str, list[Consumer]]:
         return {src: [Consumer(layer, route) for layer, route in by.items()] for src, by in self._consumers.items()}
+
+
+def stack_calls(calls: Sequence[torch.Tensor], *, conv: bool) -> tuple[torch.Tensor, bool]:
+    """A layer's calls stacked along the samples: conv calls keep ``(N, C, …)``, others become
+    ``(samples, units)`` with every leading dimension a sample. Calls whose shapes then differ
+    are stacked as ``(positions, channels)``; the flag says whether the shapes agreed."""
+    values = [x if conv else (x.reshape(-1, x.shape[-1]) if x.ndim >= 2 else x.reshape(1, -1)) for x in calls]
+    if len(values) == 1:
+        return values[0], True
+    if all(v.shape[1:] == values[0].shape[1:] for v in values):
+        return torch.cat(values), True
+    return torch.cat([v.movedim(1, -1).reshape(-1, v.shape[1]) for v in values]), False
 
 
 def _is_tracer_hook(hook: Any) -> bool:

@@ -31,7 +31,7 @@ from torch import nn
 from plasticity_probe import gradients as G
 from plasticity_probe import metrics as M
 from plasticity_probe.hessian import frozen_closure_state, hessian_spectrum
-from plasticity_probe.layers import Args, DataFlowTracer, LayerInfo, ParamGroup, Trace, call_model
+from plasticity_probe.layers import Args, DataFlowTracer, LayerInfo, ParamGroup, Trace, call_model, stack_calls
 from plasticity_probe.report import GroupRecord, LayerRecord, Report
 from plasticity_probe.trainability import trainability as fit_random_targets
 
@@ -79,12 +79,7 @@ class _Gradients:
     def unit_grads(self, name: str, kind: str) -> torch.Tensor | None:
         """The layer's output gradients, calls stacked: ``(N, C, …)`` for conv, ``(samples, d)`` else."""
         calls = self.outputs.get(name)
-        if not calls:
-            return None
-        calls = [g if kind == "conv" else g.reshape(-1, g.shape[-1]) for g in calls]
-        if any(c.shape[1:] != calls[0].shape[1:] for c in calls):
-            calls = [c.movedim(1, -1).reshape(-1, c.shape[1]) for c in calls]
-        return torch.cat(calls)
+        return stack_calls(calls, conv=kind == "conv")[0] if calls else None
 
     def layer_metrics(self, info: LayerInfo, params: Sequence[torch.Tensor], tau: float) -> dict[str, float]:
         grads = [self.params.get(n) for n in info.params]
@@ -270,7 +265,7 @@ class Probe:
                     record.metrics.update(spec.as_metrics())
                     if spec.condition_number is None:
                         notes.append(f"{info.name}: {spec.condition_note}")
-            network = self._network_metrics(trace, grads)
+            network = self._network_metrics(trace, named, grads)
             if loss_fn is not None and (hessian or per_layer_hessian):
                 spec = hessian_spectrum(loss_fn, eager, **kw)
                 network.update(spec.as_metrics())
@@ -355,13 +350,14 @@ class Probe:
         }
         return {name: fn(feats) for name, fn in functions.items() if name in self.metrics}
 
-    def _network_metrics(self, trace: Trace, grads: _Gradients | None) -> dict[str, float]:
+    def _network_metrics(
+        self, trace: Trace, named: dict[str, nn.Parameter], grads: _Gradients | None
+    ) -> dict[str, float]:
         """Weight magnitude, distance from θ_0 and gradient norms over all parameters; dead,
         dormant, zero and gradient-dormant fractions pooled over the units of the hidden layers:
         those whose features another layer reads (output layers, whose features nothing reads,
         such as both heads of a dueling network, are left out)."""
         network: dict[str, float] = {}
-        named = dict(self._tracer.model.named_parameters())
         if "weight_magnitude" in self.metrics:
             network["weight_magnitude"] = M.weight_magnitude(self.model)
         if "mean_abs_weight" in self.metrics:
