@@ -249,7 +249,8 @@ class SuccessiveRegularizer:
                     "enabled) before reg(step), or pass example_input="
                 )
             self._learn(trace)
-            self._pending = trace
+            if self.penalty is Penalty.singular:  # the first pass's features are the next penalty's
+                self._pending = trace
         assert self._trace is not None
         return self._trace
 
@@ -312,18 +313,21 @@ class SuccessiveRegularizer:
         try:
             with scoped.record(), torch.enable_grad():
                 yield self
-            self._pending = scoped.trace()
+            trace = scoped.trace()
             if self._trace is None:
-                self._learn(self._pending)
+                self._learn(trace)
+            if self.penalty is Penalty.singular:
+                self._pending = trace
         finally:
-            self._tracer.attach_auto() if self.penalty is Penalty.singular else None
+            if self.penalty is Penalty.singular:
+                self._tracer.attach_auto()
 
     def __call__(self, step: int) -> torch.Tensor:
         self._structure()
         features = self._features_of_pass()
         if step % self.every != 0:
             self._last = None
-            return self.model_zero()
+            return self._zero()
         if self.penalty is Penalty.singular:
             assert features is not None
             names, terms = self._singular_terms(features)
@@ -332,7 +336,7 @@ class SuccessiveRegularizer:
         self._last = (names, terms.detach())
         return terms.sum()
 
-    def model_zero(self) -> torch.Tensor:
+    def _zero(self) -> torch.Tensor:
         """A zero of the parameters' dtype and device (the value on skipped steps)."""
         p = next(self.model.parameters())
         return p.new_zeros(())
