@@ -408,7 +408,6 @@ class DataFlowTracer:
         self._first_read: dict[str, int] = {}  # parameter name -> layers called before its first read
         self._consumers: dict[str, dict[str, str]] = {}
         self._internal: set[str] = set()  # layers whose output is a sublayer's
-        self._notes: list[str] = []
         self._depth = 0
         self._epoch = 0  # incremented whenever the outermost module call returns
         self._pass_epoch = 0
@@ -688,7 +687,7 @@ class DataFlowTracer:
         ]  # fmt: skip
         features: dict[str, torch.Tensor] = {}
         skipped = list(self.skipped)
-        notes = list(self._notes)
+        notes: list[str] = []
         for info in layers:
             chains = self._calls.get(info.name, [])
             if not chains or info.name in self._internal:
