@@ -96,11 +96,12 @@ def train(
 
       probe train --resume runs/CartPole-v1__none__s0
     """
+    from reference_agent import rundir
     from reference_agent.engine import EngineOptions
     from reference_agent.engine import train as run_training
 
-    if resume is not None:
-        if not resume.is_dir():
+    if resume is not None:  # checked before the progress bar starts: a wrong path gets one line
+        if not resume.is_dir() or not any((resume / f).exists() for f in (rundir.CONFIG, rundir.CHECKPOINT)):
             raise fail(f"--resume: {resume} is not a run directory")
         cfg, run_dir = None, resume
     else:

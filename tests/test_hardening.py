@@ -458,3 +458,10 @@ def test_a_diverging_run_with_hessians_ends_diverged(tmp_path: Path) -> None:
     result = train(cfg, tmp_path / "d")
     assert result.state == "diverged", result.message
     assert status(tmp_path / "d")["state"] == "diverged"
+
+
+def test_resume_of_a_directory_without_a_run_is_one_line_before_any_progress_bar(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["train", "--resume", str(tmp_path)])
+    assert result.exit_code == 2
+    assert errors(result.output) == [f"error: --resume: {tmp_path} is not a run directory"]
+    assert "train" not in result.output.replace(f"{tmp_path}", "")  # no progress bar was drawn
