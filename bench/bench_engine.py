@@ -22,6 +22,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -91,19 +92,19 @@ def _update_fns(k: int, sizes: tuple[int, ...], batch: int) -> dict[str, Callabl
     term = torch.zeros(k, batch)
     nets = [QNetwork(sizes[0], sizes[-1], sizes[1:-1]) for _ in range(k)]
 
-    # (a) hand-derived backward: the engine's update
-    online, target = StackedQ(nets), StackedQ(nets)
-    opt_a = torch.optim.Adam(online.params(), lr=1e-3, fused=True)
+    # (a) hand-derived backward: the engine's update, eager and through torch.compile
+    from reference_agent.config import DQNConfig
+    from reference_agent.penalties import StackedPenalty
+    from reference_agent.replay import Batch
+    from reference_agent.update import BatchedUpdate
 
-    def hand() -> None:
-        with torch.no_grad():
-            y = rew + 0.99 * (1 - term) * target.q_values(nobs).amax(dim=2)
-            fwd = online.forward(obs)
-            q_sa = fwd.q.gather(2, act.unsqueeze(2)).squeeze(2)
-            grad_q = torch.zeros_like(fwd.q).scatter_(2, act.unsqueeze(2), ((q_sa - y) * (2 / batch)).unsqueeze(2))
-            for p, gr in zip(online.params(), online.backward(fwd, grad_q), strict=True):
-                p.grad = gr
-        opt_a.step()
+    minibatch = Batch(obs=obs, actions=act, rewards=rew, next_obs=nobs, terminated=term)
+    engine_updates = {}
+    for compiled in (False, True):
+        online, target = StackedQ(nets), StackedQ(nets)
+        penalty = StackedPenalty([DQNConfig()] * k, nets, online.params(), torch.device("cpu"))
+        update = BatchedUpdate(online, target, penalty, lr=1e-3, gamma=0.99, compile=compiled)
+        engine_updates[compiled] = partial(update, 1, minibatch)
 
     # (b) the same batched matrix products, autograd backward
     params_b = [p.clone().requires_grad_() for p in online.params()]
@@ -148,7 +149,12 @@ def _update_fns(k: int, sizes: tuple[int, ...], batch: int) -> dict[str, Callabl
         loss.backward()
         opt_c.step()
 
-    return {"hand-derived backward (engine)": hand, "bmm + autograd": autograd_bmm, "vmap + functional_call": vmap_fc}
+    return {
+        "hand-derived backward, compiled (the engine)": engine_updates[True],
+        "hand-derived backward, eager (the engine)": engine_updates[False],
+        "bmm + autograd": autograd_bmm,
+        "vmap + functional_call": vmap_fc,
+    }
 
 
 def bench_updates(ks: list[int]) -> None:

@@ -49,6 +49,7 @@ from reference_agent.network import QNetwork
 from reference_agent.penalties import StackedPenalty
 from reference_agent.replay import FIELDS, Batch, StackedReplay
 from reference_agent.stacked import StackedQ
+from reference_agent.update import BatchedUpdate
 
 ProgressFn = Callable[[int, int, dict[str, float]], None]
 """``progress(step, total_steps, info)``; info has ``steps_per_s``, ``runs`` (still training) and,
@@ -99,6 +100,21 @@ class EngineOptions:
     """torch device of the networks, the replay buffers and the updates (``cuda``: a GPU)."""
     hooks: Sequence[UpdateHook] = ()
     """Called after every gradient step as ``hook(step, run)`` for each run still training."""
+    compile: bool | None = None
+    """Run the update through ``torch.compile`` (``BatchedUpdate``); None: on the CPU when each
+    run takes at least ``COMPILE_MIN_UPDATES`` gradient steps, where the compilation pays off."""
+
+
+COMPILE_MIN_UPDATES = 20_000
+"""With ``EngineOptions.compile=None``, runs of at least this many gradient steps compile their
+update (10–30 s once, then about 1.2–1.6× faster updates: docs/performance.md)."""
+
+
+def use_compile(choice: bool | None, cfg: DQNConfig, device: torch.device) -> bool:
+    """Whether a batch of runs like ``cfg`` compiles its update (``EngineOptions.compile``)."""
+    if choice is not None:
+        return choice
+    return device.type == "cpu" and cfg.total_steps - cfg.learning_starts >= COMPILE_MIN_UPDATES
 
 
 def batch_key(cfg: DQNConfig) -> tuple[Any, ...]:
@@ -366,7 +382,15 @@ class _Engine:
         self.target = StackedQ(nets, self.device)
         theta0 = [p.clone() for p in self.online.params()]
         self.penalty = StackedPenalty(cfgs, nets, theta0, self.device)
-        self.optimizer = torch.optim.Adam(self.online.params(), lr=cfg.learning_rate, fused=True)
+        self.update = BatchedUpdate(
+            self.online,
+            self.target,
+            self.penalty,
+            lr=cfg.learning_rate,
+            gamma=cfg.gamma,
+            compile=use_compile(options.compile, cfg, self.device),
+        )
+        self.optimizer = self.update.optimizer
         self.buffer = StackedReplay(k, cfg.capacity, obs_dim, self.device)
         self.stats = torch.zeros(k, 4, dtype=torch.float64, device=self.device)  # TD loss, Q, target, penalty
         self.step = 0
@@ -576,31 +600,13 @@ class _Engine:
             run.probe_batch = Batch(**{f: getattr(self.buffer, f)[run.index].index_select(0, rows) for f in FIELDS})
 
     def _update(self, t: int) -> Batch:
-        """TD loss, penalty, hand-derived backward and one fused Adam step for all runs; returns
-        the stacked minibatch."""
-        cfg = self.cfg
-        batch = self.buffer.sample([r.rng for r in self.runs], cfg.batch_size)
-        with torch.no_grad():
-            next_q = self.target.q_values(batch.next_obs).amax(dim=2)
-            y = batch.rewards + cfg.gamma * (1.0 - batch.terminated) * next_q
-            fwd = self.online.forward(batch.obs)
-            index = batch.actions.unsqueeze(2)
-            q_sa = fwd.q.gather(2, index).squeeze(2)
-            err = q_sa - y
-            loss = err.square().mean(dim=1)
-            grad_q = torch.zeros_like(fwd.q).scatter_(2, index, err.mul(2.0 / cfg.batch_size).unsqueeze(2))
-            if self.penalty.any:
-                penalty, param_grads, feature_grads = self.penalty(t, self.online.params(), fwd)
-            else:
-                penalty, param_grads, feature_grads = loss.new_zeros(self.k), [], {}
-            grads = self.online.backward(fwd, grad_q, feature_grads)
-            for p, g, extra in zip(self.online.params(), grads, param_grads or [None] * len(grads), strict=True):
-                p.grad = g if extra is None else g.add_(extra)
-        self.optimizer.step()
-        self.stats += torch.stack((loss, q_sa.mean(dim=1), y.mean(dim=1), penalty), dim=1).double()
+        """One batched gradient step of all runs (``BatchedUpdate``); returns the stacked
+        minibatch."""
+        batch = self.buffer.sample([r.rng for r in self.runs], self.cfg.batch_size)
+        self.stats += self.update(t, batch).double()
         for run in self.runs:
             run.stats_count += 1
-        if t % cfg.target_update_period == 0:
+        if t % self.cfg.target_update_period == 0:
             self.target.copy_from(self.online)
         return batch
 

@@ -32,7 +32,7 @@ import plasticity_probe as pp
 from plasticity_probe.regularizers import Variant
 from reference_agent.config import DQNConfig, Reg, RegEvery
 from reference_agent.network import QNetwork
-from reference_agent.stacked import Forward, layer_names, param_names
+from reference_agent.stacked import layer_names, param_names
 
 PARAM_KINDS = ("sq", "sqdiff", "abs", "norm", "normdiff")
 
@@ -133,47 +133,38 @@ class StackedPenalty:
         """Runs whose penalty is added at ``step`` (``step % every == 0``)."""
         return np.array([kind is not None for kind in self.kinds]) & (step % self.every == 0)
 
-    def __call__(
-        self, step: int, params: Sequence[torch.Tensor], fwd: Forward
-    ) -> tuple[torch.Tensor, list[torch.Tensor | None], dict[int, torch.Tensor]]:
-        """The penalty of each run ``(K,)`` at ``step``, its gradient per parameter tensor (None
-        where zero) and per feature layer (the singular penalty)."""
-        active = self.active(step)
-        self.last_active = active
-        units = torch.zeros(self.k, self.n_params + self.n_layers, device=self.device)
-        param_grads: list[torch.Tensor | None] = [None] * self.n_params
-        feature_grads: dict[int, torch.Tensor] = {}
-        if not active.any():
-            self.last_units = units
-            return units.sum(dim=1), param_grads, feature_grads
-        mask = torch.from_numpy(active.astype(np.float32)).to(self.device)
-        for kind in self.present:
-            if not (self.coef[kind].any(axis=1) & active).any():
-                continue
-            coef = self._coef_t[kind] * mask.unsqueeze(1)
-            for j, p in enumerate(params):
-                c = coef[:, j]
-                if not bool(self.coef[kind][:, j].any()):
-                    continue
-                value, grad = _param_term(kind, p, self.init[j])
-                units[:, j] += c * value
-                shape = (-1,) + (1,) * (p.ndim - 1)
-                g = grad.mul_(c.view(shape))
-                param_grads[j] = g if param_grads[j] is None else param_grads[j].add_(g)  # type: ignore[union-attr]
+    @property
+    def param_coefs(self) -> dict[str, torch.Tensor]:
+        """``λ δ^k`` per run and parameter tensor ``(K, n_params)`` of each parameter-penalty kind
+        some run uses (the input of ``param_penalties``)."""
+        return self._coef_t
+
+    def feature_terms(
+        self, active: np.ndarray, features: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+        """The singular penalties of the ``active`` runs: ``λ δ^k (σ_max² − σ_min²)`` per run and
+        layer ``(K, n_layers)`` (None when no run has one at this step) and the gradient per
+        feature layer (None where zero)."""
+        grads: list[torch.Tensor | None] = [None] * self.n_layers
+        units: torch.Tensor | None = None
         for i in range(self.n_layers):
             runs = np.flatnonzero((self.singular[:, i] != 0) & active)
             if runs.size == 0:
                 continue
             coef = torch.tensor(self.singular[runs, i], dtype=torch.float32, device=self.device)
             index = torch.from_numpy(runs).to(self.device)
-            phi = fwd.features[i].index_select(0, index)
-            value, grad = singular_terms(phi)
-            units[:, self.n_params + i].index_add_(0, index, coef * value)
-            full = torch.zeros_like(fwd.features[i])
+            value, grad = singular_terms(features[i].index_select(0, index))
+            if units is None:
+                units = torch.zeros(self.k, self.n_layers, device=self.device)
+            units[:, i].index_add_(0, index, coef * value)
+            full = torch.zeros_like(features[i])
             full.index_copy_(0, index, grad.mul_(coef.view(-1, 1, 1)))
-            feature_grads[i] = full
-        self.last_units = units
-        return units.sum(dim=1), param_grads, feature_grads
+            grads[i] = full
+        return units, grads
+
+    def record(self, active: np.ndarray, units: torch.Tensor) -> None:
+        """Keep the step's per-unit values ``(K, n_params + n_layers)`` for ``last_terms``."""
+        self.last_active, self.last_units = active, units
 
     def last_terms(self, run: int) -> dict[str, float]:
         """``SuccessiveRegularizer.last_terms`` of run ``run`` after the last call (empty when its
@@ -184,12 +175,34 @@ class StackedPenalty:
         return {t.name: float(sum(row[c] for c in t.columns)) for t in self.terms[run]}
 
 
+def param_penalties(
+    params: Sequence[torch.Tensor],
+    init: Sequence[torch.Tensor],
+    coefs: dict[str, torch.Tensor],
+    mask: torch.Tensor,
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """``λ δ^k R(θ)`` per run and parameter tensor ``(K, n_params)`` and ``∂/∂θ`` per tensor
+    (all None when ``coefs`` is empty) of the kinds in ``coefs`` (``StackedPenalty.param_coefs``),
+    for the runs where ``mask`` ``(K,)`` is 1. Pure tensor code: the engine compiles it."""
+    units = params[0].new_zeros(mask.shape[0], len(params))
+    grads: list[torch.Tensor | None] = [None] * len(params)
+    for kind, table in coefs.items():
+        coef = table * mask.unsqueeze(1)
+        for j, (p, p0) in enumerate(zip(params, init, strict=True)):
+            value, grad = _param_term(kind, p, p0)
+            units[:, j] += coef[:, j] * value
+            g = grad * coef[:, j].view((-1,) + (1,) * (p.ndim - 1))
+            previous = grads[j]
+            grads[j] = g if previous is None else previous + g
+    return units, grads
+
+
 def _param_term(kind: str, p: torch.Tensor, p0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``R`` per run ``(K,)`` of one stacked tensor and ``∂R/∂θ`` (a fresh tensor)."""
     dims = tuple(range(1, p.ndim))
     x = p - p0 if kind in ("sqdiff", "normdiff") else p
     if kind in ("sq", "sqdiff"):
-        return x.square().sum(dim=dims), x.mul(2.0) if x is p else x.mul_(2.0)
+        return x.square().sum(dim=dims), x * 2.0
     if kind == "abs":
         return x.abs().sum(dim=dims), x.sign()
     norm = torch.linalg.vector_norm(x, dim=dims)

@@ -2,10 +2,10 @@
 
 The parameters of run k are slice ``k`` of each stacked tensor, in ``nn.Linear``'s layout:
 ``weights[l]`` is ``(K, out, in)``, ``biases[l]`` is ``(K, out)``. The forward pass is one
-``baddbmm`` per layer for all runs; the backward pass is written out (the gradients of an MLP
-with a mean-squared TD loss, the parameter penalties and the singular penalty's feature term),
-which is faster than autograd on these sizes (docs/performance.md has the comparison) and is
-checked against autograd on per-run ``nn.Module``s in tests/test_engine.py.
+``baddbmm`` per layer for all runs (``mlp_forward``); the backward pass is written out
+(``mlp_backward``: the gradients of an MLP given ``dL/dQ`` and extra feature gradients), which is
+faster than autograd on these sizes (docs/performance.md has the comparison) and is checked
+against autograd on per-run ``nn.Module``s in tests/test_engine.py.
 
 ``module(k)`` returns an ordinary ``QNetwork`` whose parameters *are* run k's slices (views that
 share storage): probes, hooks and interventions work on it as on any network, and in-place
@@ -15,7 +15,6 @@ changes reach the stack.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -33,16 +32,47 @@ def param_names(n_layers: int) -> list[str]:
     return [f"{name}.{kind}" for name in layer_names(n_layers) for kind in ("weight", "bias")]
 
 
-@dataclass
-class Forward:
-    """What one batched forward pass keeps for its backward pass."""
+def mlp_forward(params: Sequence[torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
+    """The features of every layer (post-ReLU hidden features, then the Q-values) of the stacked
+    MLP ``params`` (weight, bias of each layer) on ``x`` ``(K, B, obs_dim)``."""
+    features = []
+    h = x
+    n_layers = len(params) // 2
+    for i in range(n_layers):
+        h = torch.baddbmm(params[2 * i + 1].unsqueeze(1), h, params[2 * i].transpose(1, 2))
+        if i < n_layers - 1:
+            h = h.relu()
+        features.append(h)
+    return features
 
-    inputs: torch.Tensor  # (K, B, obs_dim)
-    features: list[torch.Tensor]  # post-ReLU hidden features, then the output Q-values: (K, B, width)
 
-    @property
-    def q(self) -> torch.Tensor:
-        return self.features[-1]
+def mlp_backward(
+    params: Sequence[torch.Tensor],
+    inputs: torch.Tensor,
+    features: Sequence[torch.Tensor],
+    grad_q: torch.Tensor,
+    feature_grads: Sequence[torch.Tensor | None],
+) -> list[torch.Tensor]:
+    """Gradients of every parameter (``params`` order) given ``dL/dQ`` (``(K, B, n_actions)``)
+    and extra gradients on layer i's features (``feature_grads[i]``, None where there are none:
+    the singular penalty), which are added where autograd would add them: on the features, before
+    the ReLU's mask."""
+    n_layers = len(params) // 2
+    grads: list[torch.Tensor] = [grad_q] * (2 * n_layers)
+    extra = feature_grads[n_layers - 1]
+    g = grad_q if extra is None else grad_q + extra
+    for i in range(n_layers - 1, -1, -1):
+        below = features[i - 1] if i > 0 else inputs
+        grads[2 * i] = torch.bmm(g.transpose(1, 2), below)
+        grads[2 * i + 1] = g.sum(dim=1)
+        if i == 0:
+            break
+        dh = torch.bmm(g, params[2 * i])
+        extra = feature_grads[i - 1]
+        if extra is not None:
+            dh = dh + extra
+        g = torch.ops.aten.threshold_backward(dh, below, 0.0)  # ReLU: pass where the feature > 0
+    return grads
 
 
 class StackedQ:
@@ -67,40 +97,9 @@ class StackedQ:
         """Weight, bias of each layer in turn (``QNetwork.parameters()`` order)."""
         return [t for w, b in zip(self.weights, self.biases, strict=True) for t in (w, b)]
 
-    def forward(self, x: torch.Tensor) -> Forward:
-        """``x``: ``(K, B, obs_dim)``; every layer of every run in one ``baddbmm``."""
-        features = []
-        h = x
-        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
-            h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
-            if i < self.n_layers - 1:
-                h = h.relu_()
-            features.append(h)
-        return Forward(x, features)
-
     def q_values(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward(x).q
-
-    def backward(
-        self, fwd: Forward, grad_q: torch.Tensor, feature_grads: dict[int, torch.Tensor] | None = None
-    ) -> list[torch.Tensor]:
-        """Gradients of every parameter (``params()`` order) given ``dL/dQ`` (``(K, B, n_actions)``)
-        and optional extra gradients on layer i's features (the singular penalty), which are added
-        where autograd would add them: on the features, before the ReLU's mask."""
-        extra = feature_grads or {}
-        grads: list[torch.Tensor] = [torch.empty(0)] * (2 * self.n_layers)
-        g = grad_q if self.n_layers - 1 not in extra else grad_q + extra[self.n_layers - 1]
-        for i in range(self.n_layers - 1, -1, -1):
-            below = fwd.features[i - 1] if i > 0 else fwd.inputs
-            grads[2 * i] = torch.bmm(g.transpose(1, 2), below)
-            grads[2 * i + 1] = g.sum(dim=1)
-            if i == 0:
-                break
-            dh = torch.bmm(g, self.weights[i])
-            if i - 1 in extra:
-                dh = dh.add_(extra[i - 1])
-            g = torch.ops.aten.threshold_backward(dh, below, 0.0)  # ReLU: pass where the feature > 0
-        return grads
+        """Q-values ``(K, B, n_actions)`` of every run on ``x`` ``(K, B, obs_dim)``."""
+        return mlp_forward(self.params(), x)[-1]
 
     def copy_from(self, other: StackedQ) -> None:
         with torch.no_grad():

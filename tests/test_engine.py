@@ -21,6 +21,7 @@ from reference_agent.network import QNetwork
 from reference_agent.penalties import StackedPenalty
 from reference_agent.replay import Batch
 from reference_agent.stacked import StackedQ
+from reference_agent.update import BatchedUpdate
 
 PENALTIES = [
     dict(reg="none"),
@@ -45,17 +46,21 @@ def _nets(cfgs: list[DQNConfig], obs_dim: int, n_actions: int) -> list[QNetwork]
     return nets
 
 
-@pytest.mark.parametrize("batch_size", [48, 16])  # n ≥ width and n < width for the singular Gram matrix
-def test_batched_update_equals_per_run_modules_with_autograd(batch_size: int) -> None:
-    """Three Adam steps of a batch of every penalty kind against each run's own QNetwork, its own
-    Adam and ``pp.SuccessiveRegularizer``: losses, penalties, per-term values and parameters."""
+@pytest.mark.parametrize(
+    ("batch_size", "compile"),
+    [(48, False), (16, False), (48, True)],  # n ≥ width and n < width for the singular Gram matrix
+)
+def test_batched_update_equals_per_run_modules_with_autograd(batch_size: int, compile: bool) -> None:
+    """Three Adam steps of a batch of every penalty kind (``BatchedUpdate``, eager and compiled)
+    against each run's own QNetwork, its own Adam and ``pp.SuccessiveRegularizer``: losses,
+    penalties, per-term values and parameters."""
     torch.manual_seed(123)
     obs_dim, n_actions, hidden = 5, 3, (24, 24)
     cfgs = [DQNConfig(hidden_sizes=hidden, seed=s, **p) for s, p in enumerate(PENALTIES)]  # type: ignore[arg-type]
     nets = _nets(cfgs, obs_dim, n_actions)
     online, target = StackedQ(nets), StackedQ(nets)
     penalty = StackedPenalty(cfgs, nets, [p.clone() for p in online.params()], torch.device("cpu"))
-    opt = torch.optim.Adam(online.params(), lr=1e-2, fused=True)
+    update = BatchedUpdate(online, target, penalty, lr=1e-2, gamma=0.99, compile=compile)
     # independent references
     ref_q = [QNetwork(obs_dim, n_actions, hidden) for _ in cfgs]
     ref_t = [QNetwork(obs_dim, n_actions, hidden) for _ in cfgs]
@@ -91,27 +96,15 @@ def test_batched_update_equals_per_run_modules_with_autograd(batch_size: int) ->
             next_obs=torch.randn(k, batch_size, obs_dim),
             terminated=(torch.rand(k, batch_size) < 0.2).float(),
         )
-        # the engine's update, written as in _Engine._update
-        with torch.no_grad():
-            y = batch.rewards + 0.99 * (1 - batch.terminated) * target.q_values(batch.next_obs).amax(dim=2)
-            fwd = online.forward(batch.obs)
-            q_sa = fwd.q.gather(2, batch.actions.unsqueeze(2)).squeeze(2)
-            err = q_sa - y
-            grad_q = torch.zeros_like(fwd.q).scatter_(
-                2, batch.actions.unsqueeze(2), (err * 2 / batch_size).unsqueeze(2)
-            )
-            pen, pgrads, fgrads = penalty(step, online.params(), fwd)
-            grads = online.backward(fwd, grad_q, fgrads)
-            for p, g, extra in zip(online.params(), grads, pgrads, strict=True):
-                p.grad = g if extra is None else g + extra
-        opt.step()
+        stats = update(step, batch)
+        err_sq, pen = stats[:, 0], stats[:, 3]
         for r in range(k):
             loss, _, _ = td_loss(ref_q[r], ref_t[r], batch.run(r), 0.99)
             ref_pen = regs[r](step) if regs[r] is not None else torch.zeros(())  # type: ignore[misc]
             ref_opt[r].zero_grad()
             (loss + ref_pen).backward()
             ref_opt[r].step()
-            assert float(err[r].square().mean()) == pytest.approx(float(loss), rel=1e-5)
+            assert float(err_sq[r]) == pytest.approx(float(loss), rel=1e-5)
             assert float(pen[r]) == pytest.approx(float(ref_pen), rel=1e-4, abs=1e-7), cfgs[r].run_name
             ref_terms = {n: float(v) for n, v in (regs[r].last_terms if regs[r] else {}).items()}  # type: ignore[union-attr]
             assert penalty.last_terms(r) == pytest.approx(ref_terms, rel=1e-4, abs=1e-7), cfgs[r].run_name

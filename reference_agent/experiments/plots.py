@@ -137,7 +137,10 @@ def best_per_penalty(curves: list[GroupCurve]) -> list[GroupCurve]:
     return sorted(
         best.values(),
         key=lambda c: (
-            order.index(c.config.reg), c.config.reg_layers, c.config.reg_variant.value, c.config.intervention.value
+            order.index(c.config.reg),
+            c.config.reg_layers,
+            c.config.reg_variant.value,
+            c.config.intervention.value,
         ),
     )
 
