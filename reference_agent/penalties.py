@@ -134,6 +134,11 @@ class StackedPenalty:
         return np.array([kind is not None for kind in self.kinds]) & (step % self.every == 0)
 
     @property
+    def has_feature_terms(self) -> bool:
+        """Whether some run of the stack has a singular (feature) penalty."""
+        return bool(self.singular.any())
+
+    @property
     def param_coefs(self) -> dict[str, torch.Tensor]:
         """``λ δ^k`` per run and parameter tensor ``(K, n_params)`` of each parameter-penalty kind
         some run uses (the input of ``param_penalties``)."""

@@ -7,7 +7,8 @@
 The step has three parts: ``td_forward`` (both networks, the TD error and ``dL/dQ``), the singular
 penalty's eigendecompositions (``StackedPenalty.feature_terms``, which stay eager: LAPACK), and
 ``td_backward`` (the gradients and the parameter penalties), followed by the Adam kernel
-``torch.optim.Adam(fused=True)`` runs. ``td_forward`` and ``td_backward`` are pure tensor code; with
+``torch.optim.Adam(fused=True)`` runs; a batch without a singular penalty runs the first and the
+last as one function (``td_gradients``). ``td_forward`` and ``td_backward`` are pure tensor code; with
 ``compile=True`` they run through ``torch.compile`` (inductor fuses their element-wise work into a
 few C++ loops around the matrix products), which costs a one-off compilation of 10–30 s and makes
 an update about 1.2–1.6× faster on the CPU (docs/performance.md); results agree with the eager step
@@ -68,6 +69,27 @@ def td_backward(
     return [g if extra is None else g + extra for g, extra in zip(grads, penalty_grads, strict=True)], units
 
 
+def td_gradients(
+    params: Sequence[torch.Tensor],
+    target_params: Sequence[torch.Tensor],
+    init: Sequence[torch.Tensor],
+    obs: torch.Tensor,
+    actions: torch.Tensor,
+    rewards: torch.Tensor,
+    next_obs: torch.Tensor,
+    terminated: torch.Tensor,
+    gamma: float,
+    coefs: dict[str, torch.Tensor],
+    mask: torch.Tensor,
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """``td_forward`` then ``td_backward`` for a batch without feature penalties (one graph for
+    ``torch.compile``): the gradients, the statistics ``(K, 3)`` and the parameter penalties."""
+    features, grad_q, stats = td_forward(params, target_params, obs, actions, rewards, next_obs, terminated, gamma)
+    no_feature_grads: list[torch.Tensor | None] = [None] * len(features)
+    grads, units = td_backward(params, init, obs, features, grad_q, no_feature_grads, coefs, mask)
+    return grads, stats, units
+
+
 class BatchedUpdate:
     """``update(step, batch) -> (K, 4)`` statistics (TD loss, mean Q, mean target, penalty) after
     one gradient step of every run of ``online``.
@@ -94,12 +116,7 @@ class BatchedUpdate:
                 "exp_avg": torch.zeros_like(p),
                 "exp_avg_sq": torch.zeros_like(p),
             }
-        self._forward: Callable[..., Any] = td_forward
-        self._backward: Callable[..., Any] = td_backward
-        if compile:
-            self._forward = torch.compile(td_forward, dynamic=False)
-            self._backward = torch.compile(td_backward, dynamic=False)
-        self.compiled = compile
+        self._use(compile)
 
     def __call__(self, step: int, batch: Batch) -> torch.Tensor:
         params = self.online.params()
@@ -110,7 +127,7 @@ class BatchedUpdate:
                 grads, stats, units = self._gradients(params, batch, active, mask)
             except torch._dynamo.exc.BackendCompilerFailed as err:  # no working C++ compiler here
                 warnings.warn(f"torch.compile failed ({err}); the engine continues without it", stacklevel=2)
-                self._forward, self._backward, self.compiled = td_forward, td_backward, False
+                self._use(False)
                 grads, stats, units = self._gradients(params, batch, active, mask)
             self.penalty.record(active, units)
             group = self.optimizer.param_groups[0]
@@ -135,9 +152,34 @@ class BatchedUpdate:
             )
         return torch.cat((stats, units.sum(dim=1, keepdim=True)), dim=1)
 
+    def _use(self, compile: bool) -> None:
+        """The step's functions, compiled or not: one graph when no run has a feature penalty,
+        else the forward and backward graphs around the eager eigendecompositions."""
+        wrap: Callable[[Callable[..., Any]], Callable[..., Any]] = (
+            (lambda fn: torch.compile(fn, dynamic=False)) if compile else (lambda fn: fn)
+        )
+        self._whole: Callable[..., Any] | None = None if self.penalty.has_feature_terms else wrap(td_gradients)
+        self._forward, self._backward = wrap(td_forward), wrap(td_backward)
+        self.compiled = compile
+
     def _gradients(
         self, params: list[torch.Tensor], batch: Batch, active: np.ndarray, mask: torch.Tensor
     ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        if self._whole is not None:
+            grads, stats, units = self._whole(
+                params,
+                self.target.params(),
+                self.penalty.init,
+                batch.obs,
+                batch.actions,
+                batch.rewards,
+                batch.next_obs,
+                batch.terminated,
+                self.gamma,
+                self.penalty.param_coefs,
+                mask,
+            )
+            return grads, stats, torch.cat((units, units.new_zeros(units.shape[0], self.penalty.n_layers)), dim=1)
         features, grad_q, stats = self._forward(
             params,
             self.target.params(),

@@ -47,20 +47,27 @@ def _nets(cfgs: list[DQNConfig], obs_dim: int, n_actions: int) -> list[QNetwork]
 
 
 @pytest.mark.parametrize(
-    ("batch_size", "compile"),
-    [(48, False), (16, False), (48, True)],  # n ≥ width and n < width for the singular Gram matrix
+    ("batch_size", "compile", "singular"),
+    # n ≥ width and n < width for the singular Gram matrix; compiled: the split step with the
+    # eager eigendecompositions, and the one-graph step of a batch without a singular penalty
+    [(48, False, True), (16, False, True), (48, True, True), (48, True, False)],
 )
-def test_batched_update_equals_per_run_modules_with_autograd(batch_size: int, compile: bool) -> None:
+def test_batched_update_equals_per_run_modules_with_autograd(batch_size: int, compile: bool, singular: bool) -> None:
     """Three Adam steps of a batch of every penalty kind (``BatchedUpdate``, eager and compiled)
     against each run's own QNetwork, its own Adam and ``pp.SuccessiveRegularizer``: losses,
     penalties, per-term values and parameters."""
     torch.manual_seed(123)
     obs_dim, n_actions, hidden = 5, 3, (24, 24)
-    cfgs = [DQNConfig(hidden_sizes=hidden, seed=s, **p) for s, p in enumerate(PENALTIES)]  # type: ignore[arg-type]
+    kinds = [p for p in PENALTIES if singular or p.get("reg") != "singular"]
+    cfgs = [DQNConfig(hidden_sizes=hidden, seed=s, **p) for s, p in enumerate(kinds)]  # type: ignore[arg-type]
     nets = _nets(cfgs, obs_dim, n_actions)
     online, target = StackedQ(nets), StackedQ(nets)
     penalty = StackedPenalty(cfgs, nets, [p.clone() for p in online.params()], torch.device("cpu"))
     update = BatchedUpdate(online, target, penalty, lr=1e-2, gamma=0.99, compile=compile)
+    assert (update._whole is None) == singular  # the one-graph step without feature penalties
+    # Adam moves an entry by about lr whatever its gradient's size, so where a gradient is ~0 the
+    # compiled kernels' other rounding shows after three steps (measured: 7.6e-6 on 1 of 72 entries)
+    atol = 2e-5 if compile else 1e-6
     # independent references
     ref_q = [QNetwork(obs_dim, n_actions, hidden) for _ in cfgs]
     ref_t = [QNetwork(obs_dim, n_actions, hidden) for _ in cfgs]
@@ -109,7 +116,7 @@ def test_batched_update_equals_per_run_modules_with_autograd(batch_size: int, co
             ref_terms = {n: float(v) for n, v in (regs[r].last_terms if regs[r] else {}).items()}  # type: ignore[union-attr]
             assert penalty.last_terms(r) == pytest.approx(ref_terms, rel=1e-4, abs=1e-7), cfgs[r].run_name
             for name, p in ref_q[r].state_dict().items():
-                torch.testing.assert_close(online.state_dict(r)[name], p, rtol=1e-4, atol=1e-6, msg=cfgs[r].run_name)
+                torch.testing.assert_close(online.state_dict(r)[name], p, rtol=1e-4, atol=atol, msg=cfgs[r].run_name)
 
 
 def test_module_views_share_storage_with_the_stack() -> None:
