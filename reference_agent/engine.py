@@ -47,7 +47,7 @@ from reference_agent.config import DQNConfig, InterventionKind, epsilon
 from reference_agent.envs import episode_seed, make_env
 from reference_agent.network import QNetwork
 from reference_agent.penalties import StackedPenalty
-from reference_agent.replay import FIELDS, Batch, StackedReplay
+from reference_agent.replay import Batch, StackedReplay
 from reference_agent.stacked import StackedQ
 from reference_agent.update import BatchedUpdate
 
@@ -597,7 +597,7 @@ class _Engine:
             n = min(run.cfg.probe_batch_size, self.buffer.size)
             idx = np.random.default_rng([run.cfg.seed, 2]).choice(self.buffer.size, n, replace=False)
             rows = torch.from_numpy(idx.astype(np.int64)).to(self.device)
-            run.probe_batch = Batch(**{f: getattr(self.buffer, f)[run.index].index_select(0, rows) for f in FIELDS})
+            run.probe_batch = self.buffer.run_rows(run.index, rows)
 
     def _update(self, t: int) -> Batch:
         """One batched gradient step of all runs (``BatchedUpdate``); returns the stacked

@@ -1,4 +1,4 @@
-"""Preallocated circular replay buffers of K runs in lockstep, one stacked tensor per field.
+"""Preallocated circular replay buffers of K runs in lockstep, one stacked tensor of rows.
 
 The runs of a batch add one transition each per environment step, so they share the write
 position and the fill level; each run samples its own indices from its own generator. Sampling
@@ -36,17 +36,17 @@ class Batch:
 
 
 class StackedReplay:
-    """``k`` circular buffers of ``capacity`` transitions with ``obs_dim``-float observations."""
+    """``k`` circular buffers of ``capacity`` transitions with ``obs_dim``-float observations.
+
+    A transition is one row of ``2 obs_dim + 3`` floats (observation, next observation, action,
+    reward, terminated: actions are small integers, exact in float32), so that sampling reads one
+    contiguous row per transition instead of one cache line per field."""
 
     def __init__(self, k: int, capacity: int, obs_dim: int, device: torch.device | str = "cpu") -> None:
         if capacity < 1:
             raise ValueError("capacity must be >= 1")
-        self.k, self.capacity = k, capacity
-        self.obs = torch.zeros((k, capacity, obs_dim), device=device)
-        self.next_obs = torch.zeros((k, capacity, obs_dim), device=device)
-        self.actions = torch.zeros((k, capacity), dtype=torch.int64, device=device)
-        self.rewards = torch.zeros((k, capacity), device=device)
-        self.terminated = torch.zeros((k, capacity), device=device)
+        self.k, self.capacity, self.obs_dim = k, capacity, obs_dim
+        self.rows = torch.zeros((k, capacity, 2 * obs_dim + 3), device=device)
         self._offsets = (torch.arange(k, device=device) * capacity).unsqueeze(1)
         self.pos = 0
         self.size = 0
@@ -55,14 +55,12 @@ class StackedReplay:
         self, obs: np.ndarray, actions: np.ndarray, rewards: np.ndarray, next_obs: np.ndarray, terminated: np.ndarray
     ) -> None:
         """One transition per run: arrays with a leading dimension of ``k``."""
-        i = self.pos
-        device = self.obs.device
-        self.obs[:, i] = torch.as_tensor(obs, dtype=torch.float32, device=device)
-        self.next_obs[:, i] = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
-        self.actions[:, i] = torch.as_tensor(actions, dtype=torch.int64, device=device)
-        self.rewards[:, i] = torch.as_tensor(rewards, dtype=torch.float32, device=device)
-        self.terminated[:, i] = torch.as_tensor(terminated, dtype=torch.float32, device=device)
-        self.pos = (i + 1) % self.capacity
+        row = np.empty((self.k, 2 * self.obs_dim + 3), dtype=np.float32)
+        d = self.obs_dim
+        row[:, :d], row[:, d : 2 * d] = obs, next_obs
+        row[:, 2 * d], row[:, 2 * d + 1], row[:, 2 * d + 2] = actions, rewards, terminated
+        self.rows[:, self.pos] = torch.from_numpy(row).to(self.rows.device)
+        self.pos = (self.pos + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
 
     def sample(self, rngs: list[np.random.Generator], batch_size: int) -> Batch:
@@ -74,26 +72,46 @@ class StackedReplay:
 
     def gather(self, indices: np.ndarray) -> Batch:
         """``indices``: ``(k, B)`` positions per run."""
-        idx = torch.from_numpy(np.asarray(indices, dtype=np.int64)).to(self.obs.device)
+        idx = torch.from_numpy(np.asarray(indices, dtype=np.int64)).to(self.rows.device)
         flat = (idx + self._offsets).reshape(-1)
-        out = {}
-        for name in FIELDS:
-            t: torch.Tensor = getattr(self, name)
-            rows = t.reshape(self.k * self.capacity, *t.shape[2:]).index_select(0, flat)
-            out[name] = rows.reshape(*idx.shape, *t.shape[2:])
-        return Batch(**out)
+        rows = self.rows.reshape(self.k * self.capacity, -1).index_select(0, flat)
+        return self._fields(rows.reshape(*idx.shape, -1))
+
+    def run_rows(self, k: int, positions: torch.Tensor) -> Batch:
+        """Run k's transitions at ``positions`` (leading dim B)."""
+        return self._fields(self.rows[k].index_select(0, positions))
+
+    def _fields(self, rows: torch.Tensor) -> Batch:
+        d = self.obs_dim
+        return Batch(
+            obs=rows[..., :d].contiguous(),
+            actions=rows[..., 2 * d].long(),
+            rewards=rows[..., 2 * d + 1].contiguous(),
+            next_obs=rows[..., d : 2 * d].contiguous(),
+            terminated=rows[..., 2 * d + 2].contiguous(),
+        )
 
     def state_dict(self, k: int) -> dict[str, object]:
-        """Run k's buffer in the checkpoint format: ``pos``, ``size`` and the filled rows."""
+        """Run k's buffer in the checkpoint format: ``pos``, ``size`` and the filled rows of each
+        field (``obs``, ``next_obs``: ``(n, obs_dim)`` float32; ``actions``: int64; ``rewards``,
+        ``terminated``: float32)."""
         n = self.size
-        return {"pos": self.pos, "size": n, **{f: getattr(self, f)[k, :n].to("cpu", copy=True) for f in FIELDS}}
+        fields = self._fields(self.rows[k, :n]).as_dict()
+        return {"pos": self.pos, "size": n, **{f: v.to("cpu", copy=True) for f, v in fields.items()}}
 
     def load_state_dict(self, k: int, state: dict[str, object]) -> None:
         n = int(state["size"])  # type: ignore[call-overload]
         if n > self.capacity:
             raise ValueError(f"buffer state holds {n} transitions, capacity is {self.capacity}")
+        fields: dict[str, torch.Tensor] = {}
         for f in FIELDS:
-            src = state[f]
-            assert isinstance(src, torch.Tensor)
-            getattr(self, f)[k, :n] = src.to(self.obs.device)
+            value = state[f]
+            assert isinstance(value, torch.Tensor)
+            fields[f] = value
+        d, device = self.obs_dim, self.rows.device
+        target = self.rows[k, :n]
+        target[:, :d] = fields["obs"].to(device)
+        target[:, d : 2 * d] = fields["next_obs"].to(device)
+        for column, f in ((2 * d, "actions"), (2 * d + 1, "rewards"), (2 * d + 2, "terminated")):
+            target[:, column] = fields[f].to(device)
         self.pos, self.size = int(state["pos"]), n  # type: ignore[call-overload]

@@ -26,8 +26,10 @@ def test_replay_buffer_add_sample_and_wraparound() -> None:
         obs = np.full((2, 2), i, np.float32) + np.array([[0], [10]], np.float32)  # run 1 is run 0 + 10
         buf.add(obs, np.array([i, i]), np.array([i, i]), obs + 1, np.array([i == 4, i == 4]))
     assert buf.size == 3 and buf.pos == 2
-    assert sorted(buf.actions[0].tolist()) == [2, 3, 4]  # 0 and 1 were overwritten
-    assert buf.obs[0, 0].tolist() == [3, 3] and buf.obs[1, 0].tolist() == [13, 13]  # slot 0 holds transition 3
+    stored = [buf.state_dict(k) for k in (0, 1)]
+    assert sorted(stored[0]["actions"].tolist()) == [2, 3, 4]  # 0 and 1 were overwritten
+    assert stored[0]["actions"].dtype == torch.int64
+    assert stored[0]["obs"][0].tolist() == [3, 3] and stored[1]["obs"][0].tolist() == [13, 13]  # slot 0: transition 3
     batch = buf.sample([np.random.default_rng(0), np.random.default_rng(1)], 100)
     assert batch.obs.shape == (2, 100, 2)
     for k in (0, 1):
@@ -49,7 +51,9 @@ def test_replay_buffer_state_roundtrip() -> None:
     for k in (0, 1):
         other.load_state_dict(k, buf.state_dict(k))
     assert other.pos == buf.pos and other.size == buf.size
-    assert torch.equal(other.actions, buf.actions) and torch.equal(other.obs, buf.obs)
+    for k in (0, 1):
+        for name, value in buf.state_dict(k).items():
+            assert torch.equal(torch.as_tensor(other.state_dict(k)[name]), torch.as_tensor(value)), name
     assert buf.state_dict(1)["actions"].tolist() == [-4, -5, -2, -3]
 
 

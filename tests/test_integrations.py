@@ -135,6 +135,7 @@ def test_lightning_callback_logs_through_the_trainer(tmp_path: Path) -> None:
     torch.manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(64, 3), torch.randn(64, 1))
     loader = torch.utils.data.DataLoader(data, batch_size=16)
+
     def mse(module: L.LightningModule, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return nn.functional.mse_loss(module(batch[0]), batch[1])
 
