@@ -7,7 +7,10 @@ per environment step, replay holding every transition. SB3 keeps its Huber loss 
 clipping (same cost as MSE); our agent's periodic evaluation and probing are pushed past the end
 (one final evaluation of 1 episode remains).
 
-    python bench/bench_dqn.py [--steps 30000] [--learning-starts 5000] [--env CartPole-v1]
+    python -m bench.bench_dqn [--steps 30000] [--learning-starts 5000] [--env CartPole-v1]
+
+Ours twice: with the eager update and through ``torch.compile`` (``EngineOptions.compile``; its
+one-off compilation counts in the time, as it does in a user's run).
 """
 
 from __future__ import annotations
@@ -21,9 +24,9 @@ from pathlib import Path
 import torch
 
 
-def ours(env_id: str, steps: int, learning_starts: int) -> float:
+def ours(env_id: str, steps: int, learning_starts: int, compile: bool) -> float:
     from reference_agent.config import DQNConfig
-    from reference_agent.engine import train
+    from reference_agent.engine import EngineOptions, train
 
     cfg = DQNConfig(
         env_id=env_id,
@@ -39,7 +42,7 @@ def ours(env_id: str, steps: int, learning_starts: int) -> float:
     out = Path(tempfile.mkdtemp())
     try:
         start = time.perf_counter()
-        train(cfg, out / "run")
+        train(cfg, out / "run", options=EngineOptions(compile=compile))
         return steps / (time.perf_counter() - start)
     finally:
         shutil.rmtree(out)
@@ -81,11 +84,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     theirs = sb3(args.env, args.steps, args.learning_starts)
-    mine = ours(args.env, args.steps, args.learning_starts)
+    eager = ours(args.env, args.steps, args.learning_starts, compile=False)
+    compiled = ours(args.env, args.steps, args.learning_starts, compile=True)
     print(f"{args.env}, {args.steps} steps, learning starts {args.learning_starts}, batch 512, 1 thread")
-    print(f"Stable-Baselines3 DQN: {theirs:8.0f} steps/s")
-    print(f"reference DQN:         {mine:8.0f} steps/s")
-    print(f"ratio (ours / SB3):    {mine / theirs:8.2f}x")
+    print("| agent | steps/s | ratio to SB3 |")
+    print("|---|---|---|")
+    print(f"| Stable-Baselines3 DQN | {theirs:,.0f} | 1.00× |")
+    print(f"| reference DQN, eager update | {eager:,.0f} | {eager / theirs:.2f}× |")
+    print(f"| reference DQN, compiled update (compilation included) | {compiled:,.0f} | {compiled / theirs:.2f}× |")
 
 
 if __name__ == "__main__":
