@@ -2,7 +2,7 @@
 another in the same process, the batched-update implementations compared, and the physical
 limit (FLOPs of the paper preset, measured matmul throughput).
 
-    python -m bench.bench_engine runs [--k 8 25] [--env CartPole-v1] [--steps 4000]
+    python -m bench.bench_engine runs [--k 8 25] [--env CartPole-v1] [--steps 4000] [--compile]
     python -m bench.bench_engine updates [--k 1 8 25]
     python -m bench.bench_engine limit
 
@@ -51,8 +51,10 @@ def _configs(env_id: str, k: int, steps: int) -> list:
     return [scale_steps(c, steps, keep=("eval_every", "probe_every", "hessian_every")) for c in base]
 
 
-def bench_runs(env_id: str, ks: list[int], steps: int, rounds: int) -> None:
-    from reference_agent.engine import train, train_batch
+def bench_runs(env_id: str, ks: list[int], steps: int, rounds: int, compile: bool | None) -> None:
+    from reference_agent.engine import EngineOptions, train, train_batch
+
+    options = EngineOptions(compile=compile)
 
     print(
         f"{env_id}, {steps} steps per run (learning starts, τ scaled; evaluation, probes, Hessian at the paper's "
@@ -68,10 +70,10 @@ def bench_runs(env_id: str, ks: list[int], steps: int, rounds: int) -> None:
             try:
                 start = time.perf_counter()
                 for i, c in enumerate(cfgs):
-                    train(c, out / f"s{i}")
+                    train(c, out / f"s{i}", options=options)
                 seq.append((time.perf_counter() - start) / (k * steps))
                 start = time.perf_counter()
-                train_batch(cfgs, [out / f"b{i}" for i in range(k)])
+                train_batch(cfgs, [out / f"b{i}" for i in range(k)], options=options)
                 bat.append((time.perf_counter() - start) / (k * steps))
             finally:
                 shutil.rmtree(out)
@@ -204,10 +206,16 @@ def main() -> None:
     parser.add_argument("--env", default="CartPole-v1")
     parser.add_argument("--steps", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="runs: compile the update (default: the engine's rule, runs of >= 20k updates)",
+    )
     args = parser.parse_args()
     one_thread()
     if args.part == "runs":
-        bench_runs(args.env, args.k or [8, 25], args.steps, args.rounds)
+        bench_runs(args.env, args.k or [8, 25], args.steps, args.rounds, args.compile)
     elif args.part == "updates":
         bench_updates(args.k or [1, 8, 25])
     else:
