@@ -160,6 +160,10 @@ def _update_fns(k: int, sizes: tuple[int, ...], batch: int) -> dict[str, Callabl
 
 
 def bench_updates(ks: list[int]) -> None:
+    from reference_agent.engine import keep_freed_memory
+
+    keep_freed_memory()  # as the engine does
+    torch.set_flush_denormal(True)
     sizes = (8, 64, 64, 4)  # LunarLander, the paper's network
     print("one update (TD loss, backward, fused Adam), LunarLander sizes 8-64-64-4, batch 512, µs per run")
     fns = {k: _update_fns(k, sizes, 512) for k in ks}
