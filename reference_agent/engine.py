@@ -103,13 +103,25 @@ class EngineOptions:
     hooks: Sequence[UpdateHook] = ()
     """Called after every gradient step as ``hook(step, run)`` for each run still training."""
     compile: bool | None = None
-    """Run the update through ``torch.compile`` (``BatchedUpdate``); None: on the CPU when each
-    run takes at least ``COMPILE_MIN_UPDATES`` gradient steps, where the compilation pays off."""
+    """Run the update through ``torch.compile`` (``BatchedUpdate``); None: on the CPU for batches of
+    at least ``COMPILE_MIN_RUNS`` runs of at least ``COMPILE_MIN_UPDATES`` gradient steps, where
+    the one-off compilation pays for itself."""
 
 
+COMPILE_MIN_RUNS = 16
 COMPILE_MIN_UPDATES = 20_000
-"""With ``EngineOptions.compile=None``, runs of at least this many gradient steps compile their
-update (10–30 s once, then about 1.2–1.6× faster updates: docs/performance.md)."""
+"""With ``EngineOptions.compile=None``, batches of ≥ 16 runs of ≥ 20k gradient steps compile their
+update. Measured (docs/performance.md, ``bench.bench_engine updates``): compiled 430 / 310 / 308
+µs per run and update at K = 1 / 8 / 25 against 446 / 326 / 368 eager, for a compilation of
+10–30 s; at K = 8 a paper run's 80k updates save about 10 s, at K = 25 about 2 minutes."""
+
+
+def use_compile(choice: bool | None, cfg: DQNConfig, k: int, device: torch.device) -> bool:
+    """Whether a batch of ``k`` runs like ``cfg`` compiles its update (``EngineOptions.compile``)."""
+    if choice is not None:
+        return choice
+    updates = cfg.total_steps - cfg.learning_starts
+    return device.type == "cpu" and k >= COMPILE_MIN_RUNS and updates >= COMPILE_MIN_UPDATES
 
 
 HEAP_BYTES = 1 << 30
@@ -136,13 +148,6 @@ def keep_freed_memory() -> None:
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
     mallopt(m_mmap_threshold, HEAP_BYTES)
     mallopt(m_trim_threshold, HEAP_BYTES)
-
-
-def use_compile(choice: bool | None, cfg: DQNConfig, device: torch.device) -> bool:
-    """Whether a batch of runs like ``cfg`` compiles its update (``EngineOptions.compile``)."""
-    if choice is not None:
-        return choice
-    return device.type == "cpu" and cfg.total_steps - cfg.learning_starts >= COMPILE_MIN_UPDATES
 
 
 def batch_key(cfg: DQNConfig) -> tuple[Any, ...]:
@@ -417,7 +422,7 @@ class _Engine:
             self.penalty,
             lr=cfg.learning_rate,
             gamma=cfg.gamma,
-            compile=use_compile(options.compile, cfg, self.device),
+            compile=use_compile(options.compile, cfg, k, self.device),
         )
         self.optimizer = self.update.optimizer
         self.buffer = StackedReplay(k, cfg.capacity, obs_dim, self.device)
