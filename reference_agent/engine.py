@@ -103,25 +103,21 @@ class EngineOptions:
     hooks: Sequence[UpdateHook] = ()
     """Called after every gradient step as ``hook(step, run)`` for each run still training."""
     compile: bool | None = None
-    """Run the update through ``torch.compile`` (``BatchedUpdate``); None: on the CPU for batches of
-    at least ``COMPILE_MIN_RUNS`` runs of at least ``COMPILE_MIN_UPDATES`` gradient steps, where
-    the one-off compilation pays for itself."""
+    """Run the update through ``torch.compile`` (``BatchedUpdate``); None: on the CPU for runs of
+    at least ``COMPILE_MIN_UPDATES`` gradient steps, where the one-off compilation pays off."""
 
 
-COMPILE_MIN_RUNS = 16
 COMPILE_MIN_UPDATES = 20_000
-"""With ``EngineOptions.compile=None``, batches of ≥ 16 runs of ≥ 20k gradient steps compile their
-update. Measured (docs/performance.md, ``bench.bench_engine updates``): compiled 430 / 310 / 308
-µs per run and update at K = 1 / 8 / 25 against 446 / 326 / 368 eager, for a compilation of
-10–30 s; at K = 8 a paper run's 80k updates save about 10 s, at K = 25 about 2 minutes."""
+"""With ``EngineOptions.compile=None``, runs of ≥ 20k gradient steps compile their update (the
+compilation takes 10–30 s once per process and shape, then comes from inductor's disk cache;
+the compiled update is faster at every K: docs/performance.md)."""
 
 
-def use_compile(choice: bool | None, cfg: DQNConfig, k: int, device: torch.device) -> bool:
-    """Whether a batch of ``k`` runs like ``cfg`` compiles its update (``EngineOptions.compile``)."""
+def use_compile(choice: bool | None, cfg: DQNConfig, device: torch.device) -> bool:
+    """Whether a batch of runs like ``cfg`` compiles its update (``EngineOptions.compile``)."""
     if choice is not None:
         return choice
-    updates = cfg.total_steps - cfg.learning_starts
-    return device.type == "cpu" and k >= COMPILE_MIN_RUNS and updates >= COMPILE_MIN_UPDATES
+    return device.type == "cpu" and cfg.total_steps - cfg.learning_starts >= COMPILE_MIN_UPDATES
 
 
 HEAP_BYTES = 1 << 30
@@ -422,7 +418,7 @@ class _Engine:
             self.penalty,
             lr=cfg.learning_rate,
             gamma=cfg.gamma,
-            compile=use_compile(options.compile, cfg, k, self.device),
+            compile=use_compile(options.compile, cfg, self.device),
         )
         self.optimizer = self.update.optimizer
         self.buffer = StackedReplay(k, cfg.capacity, obs_dim, self.device)

@@ -10,9 +10,10 @@ penalty's eigendecompositions (``StackedPenalty.feature_terms``, which stay eage
 ``torch.optim.Adam(fused=True)`` runs; a batch without a singular penalty runs the first and the
 last as one function (``td_gradients``). ``td_forward`` and ``td_backward`` are pure tensor code; with
 ``compile=True`` they run through ``torch.compile`` (inductor fuses their element-wise work into a
-few C++ loops around the matrix products), which costs a one-off compilation of 10–30 s and makes
-an update about 1.2–1.6× faster on the CPU (docs/performance.md); results agree with the eager step
-to float32 rounding (tests/test_engine.py).
+few C++ loops around the matrix products and calls them from a C++ wrapper), which costs a one-off
+compilation of 10–30 s (cached on disk) and makes an update faster on the CPU
+(docs/performance.md); results agree with the eager step to float32 rounding
+(tests/test_engine.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ import torch
 from reference_agent.penalties import StackedPenalty, param_penalties
 from reference_agent.replay import Batch
 from reference_agent.stacked import StackedQ, mlp_backward, mlp_forward
+
+COMPILE_OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {"cpp_wrapper": True}
+"""Inductor options: the compiled graph's wrapper in C++ instead of Python (measured: the update
+at K = 1 in about 0.65× the time of the Python wrapper's, docs/performance.md)."""
 
 
 def td_forward(
@@ -156,7 +161,7 @@ class BatchedUpdate:
         """The step's functions, compiled or not: one graph when no run has a feature penalty,
         else the forward and backward graphs around the eager eigendecompositions."""
         wrap: Callable[[Callable[..., Any]], Callable[..., Any]] = (
-            (lambda fn: torch.compile(fn, dynamic=False)) if compile else (lambda fn: fn)
+            (lambda fn: torch.compile(fn, dynamic=False, options=COMPILE_OPTIONS)) if compile else (lambda fn: fn)
         )
         self._whole: Callable[..., Any] | None = None if self.penalty.has_feature_terms else wrap(td_gradients)
         self._forward, self._backward = wrap(td_forward), wrap(td_backward)
