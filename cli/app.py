@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -410,24 +411,50 @@ def _ci(row: dict[str, Any], name: str) -> str:
     return f"{point:.1f} [{low:.1f}, {high:.1f}]" if low is not None else f"{point:.1f} (1 seed)"
 
 
-def _summary_table(rows: list[dict[str, Any]], window: int) -> Table:
-    table = Table(
-        title=f"final return = mean evaluation return over the last {window} evaluations: IQM and mean over seeds "
+SUMMARY_COLUMNS = ("env", "config", "seeds", "final IQM [95% CI]", "final mean [95% CI]", "best", "best at step")
+
+
+def _summary_title(window: int) -> str:
+    return (
+        f"final return = mean evaluation return over the last {window} evaluations: IQM and mean over seeds "
         "[95 % bootstrap CI]; best = max of the SMA-smoothed mean curve ± half-range over seeds"
     )
-    for col in ("env", "config", "seeds", "final IQM [95% CI]", "final mean [95% CI]", "best", "best at step"):
-        table.add_column(col, justify="left" if col in ("env", "config") else "right")
-    for r in rows:
-        table.add_row(
-            Text(r["env"]),
-            Text(r["config"]),
+
+
+def _summary_cells(rows: list[dict[str, Any]]) -> list[list[str]]:
+    return [
+        [
+            r["env"],
+            r["config"],
             str(r["seeds"]),
             _ci(r, "iqm"),
             _ci(r, "mean"),
             f"{r['best_mean']:.1f} ± {r['best_spread']:.1f}",
             f"{r['best_step']:,}",
-        )
+        ]
+        for r in rows
+    ]
+
+
+def _summary_table(rows: list[dict[str, Any]], window: int) -> Table:
+    table = Table(title=_summary_title(window))
+    for col in SUMMARY_COLUMNS:
+        table.add_column(col, justify="left" if col in ("env", "config") else "right")
+    for cells in _summary_cells(rows):
+        table.add_row(*(Text(c) for c in cells))
     return table
+
+
+def _markdown(columns: Sequence[str], rows: list[list[str]]) -> str:
+    """A GitHub-flavoured Markdown table (line breaks inside a cell become ``<br>``, ``|`` is
+    escaped)."""
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", "<br>")
+
+    lines = ["| " + " | ".join(map(cell, columns)) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(map(cell, r)) + " |" for r in rows]
+    return "\n".join(lines)
 
 
 def _read_runs(dirs: list[Path]) -> list[Any]:
@@ -448,6 +475,7 @@ def summarize(
     smooth: Annotated[int, typer.Option(min=1, help="Simple-moving-average window, in evaluations.")] = 3,
     csv_out: Annotated[Path | None, typer.Option("--csv", help="Also write the table to this CSV file.")] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table instead.")] = False,
 ) -> None:
     """Final return per configuration (mean over the last SMOOTH evaluations): IQM and mean over
     seeds with 95 % stratified bootstrap confidence intervals, and the best smoothed return.
@@ -467,6 +495,8 @@ def summarize(
         results.write_csv(csv_out, rows)
     if json_:
         typer.echo(json.dumps(rows, indent=2))
+    elif markdown:
+        typer.echo(_markdown(SUMMARY_COLUMNS, _summary_cells(rows)))
     else:
         console.print(_summary_table(rows, smooth))
 
@@ -527,6 +557,7 @@ def claims(
     ] = 80_000,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap resampling.")] = 0,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table instead.")] = False,
 ) -> None:
     """Decide the paper's claims from 95 % stratified bootstrap confidence intervals over seeds:
     supported, not supported, inconclusive, or no data (with the reason). Runs that never took
@@ -554,11 +585,22 @@ def claims(
     if json_:
         typer.echo(json.dumps([dataclasses.asdict(v) for v in verdicts], indent=2))
         return
+    columns = ("claim", "verdict", "statistic [95% CI]", "evidence")
+    cells = [
+        [
+            v.claim,
+            f"{v.verdict}\n({v.caveat})" if v.caveat else v.verdict,
+            f"{v.estimate:.3g} [{v.low:.3g}, {v.high:.3g}]\n{v.statistic}" if v.estimate is not None else "",
+            v.evidence,
+        ]
+        for v in verdicts
+    ]
+    if markdown:
+        typer.echo(_markdown(columns, cells))
+        return
     table = Table(title="the paper's claims against these runs (rule: docs/reproduction.md)", show_lines=True)
-    for col in ("claim", "verdict", "statistic [95% CI]", "evidence"):
+    for col in columns:
         table.add_column(col)
-    for v in verdicts:
-        verdict = f"{v.verdict}\n({v.caveat})" if v.caveat else v.verdict
-        decisive = f"{v.estimate:.3g} [{v.low:.3g}, {v.high:.3g}]\n{v.statistic}" if v.estimate is not None else ""
-        table.add_row(Text(v.claim), Text(verdict), Text(decisive), Text(v.evidence))
+    for row in cells:
+        table.add_row(*(Text(c) for c in row))
     console.print(table)

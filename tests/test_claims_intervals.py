@@ -265,6 +265,11 @@ def test_verdicts_are_deterministic_and_the_table_renders(tmp_path: Path) -> Non
     assert first != runner.invoke(app, ["claims", str(tmp_path), "--json", "--seed", "1"]).output
     table = runner.invoke(app, ["claims", str(tmp_path)])
     assert table.exit_code == 0 and "inconclusive" in table.output and "no data" in table.output
+    markdown = runner.invoke(app, ["claims", str(tmp_path), "--markdown"]).output.splitlines()
+    rows = [json.loads(first)[i] for i in range(len(markdown) - 2)]
+    assert markdown[:2] == ["| claim | verdict | statistic [95% CI] | evidence |", "|---|---|---|---|"]
+    for line, row in zip(markdown[2:], rows, strict=True):  # one line per claim, its cells in order
+        assert line.startswith(f"| {row['claim']} | {row['verdict']}") and line.count(" | ") >= 3
     bad = runner.invoke(app, ["claims", str(tmp_path), "--min-seeds", "1"])
     assert bad.exit_code == 2
 

@@ -192,6 +192,11 @@ def test_plot_cli_writes_figures_and_csv(tmp_path: Path) -> None:
     assert (out / "summary.csv").read_text().startswith("env,config,seeds")
     summary = runner.invoke(app, ["summarize", str(tmp_path / "sweep"), "--json"])
     assert summary.exit_code == 0 and json.loads(summary.output)[0]["config"] == "l2_lam0.01_d1.25_update"
+    markdown = runner.invoke(app, ["summarize", str(tmp_path / "sweep"), "--markdown"]).output.splitlines()
+    assert markdown[0].startswith("| env | config | seeds | final IQM [95% CI] |") and markdown[1].startswith("|---|")
+    first = json.loads(summary.output)[0]
+    assert markdown[2].startswith(f"| CartPole-v1 | {first['config']} | {first['seeds']} | {first['final_iqm']:.1f} ")
+    assert len(markdown) == 2 + len(json.loads(summary.output))
     missing = runner.invoke(app, ["plot", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "no such directory" in missing.output
 
