@@ -165,7 +165,6 @@ class BatchedUpdate:
         )
         self._whole: Callable[..., Any] | None = None if self.penalty.has_feature_terms else wrap(td_gradients)
         self._forward, self._backward = wrap(td_forward), wrap(td_backward)
-        self.compiled = compile
 
     def _gradients(
         self, params: list[torch.Tensor], batch: Batch, active: np.ndarray, mask: torch.Tensor
