@@ -4,7 +4,6 @@ limit (FLOPs of the paper preset, measured matmul throughput).
 
     python -m bench.bench_engine runs [--k 8 25] [--env CartPole-v1] [--steps 4000] [--compile]
     python -m bench.bench_engine updates [--k 1 8 25]
-    python -m bench.bench_engine heap [--k 1 8 19]
     python -m bench.bench_engine limit
 
 ``runs``: wall time of whole runs, environments, evaluation, probing and checkpoints included
@@ -161,10 +160,7 @@ def _update_fns(k: int, sizes: tuple[int, ...], batch: int) -> dict[str, Callabl
 
 
 def bench_updates(ks: list[int]) -> None:
-    from reference_agent.engine import keep_freed_memory
-
-    keep_freed_memory()  # as the engine does
-    torch.set_flush_denormal(True)
+    torch.set_flush_denormal(True)  # as the engine does
     sizes = (8, 64, 64, 4)  # LunarLander, the paper's network
     print("one update (TD loss, backward, fused Adam), LunarLander sizes 8-64-64-4, batch 512, µs per run")
     fns = {k: _update_fns(k, sizes, 512) for k in ks}
@@ -174,63 +170,6 @@ def bench_updates(ks: list[int]) -> None:
     for name in names:
         cells = [f"{time_per_call(fns[k][name], max(5, 200 // k), warmup=5) / k * 1e6:,.0f}" for k in ks]
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
-
-
-# ---- freed memory kept in the heap or returned to the OS --------------------------------------
-def heap_one(k: int, keep: bool, compile: bool) -> None:
-    """One process: µs per run of the engine's update (LunarLander sizes, penalties none / l2 /
-    l2init / singular in turn) and minor page faults per update, with or without
-    ``keep_freed_memory`` (process-wide, hence one process per setting)."""
-    import resource
-
-    from reference_agent.config import DQNConfig, Reg
-    from reference_agent.engine import keep_freed_memory
-    from reference_agent.network import QNetwork
-    from reference_agent.penalties import StackedPenalty
-    from reference_agent.replay import Batch
-    from reference_agent.stacked import StackedQ
-    from reference_agent.update import BatchedUpdate
-
-    if keep:
-        keep_freed_memory()
-    torch.set_flush_denormal(True)
-    g = torch.Generator().manual_seed(0)
-    minibatch = Batch(
-        obs=torch.randn(k, 512, 8, generator=g),
-        actions=torch.randint(0, 4, (k, 512), generator=g),
-        rewards=torch.randn(k, 512, generator=g),
-        next_obs=torch.randn(k, 512, 8, generator=g),
-        terminated=torch.zeros(k, 512),
-    )
-    regs = [Reg.none, Reg.l2, Reg.l2init, Reg.singular]
-    cfgs = [DQNConfig(reg=regs[i % 4], lam=0.001 if regs[i % 4] is Reg.singular else 0.01) for i in range(k)]
-    nets = [QNetwork(8, 4, (64, 64)) for _ in range(k)]
-    online, target = StackedQ(nets), StackedQ(nets)
-    penalty = StackedPenalty(cfgs, nets, online.params(), torch.device("cpu"))
-    update = BatchedUpdate(online, target, penalty, lr=1e-3, gamma=0.99, compile=compile)
-    for _ in range(30):
-        update(1, minibatch)
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    per_call = time_per_call(partial(update, 1, minibatch), 300, warmup=0)
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / 300
-    print(f"{per_call / k * 1e6:.0f} {faults:.0f}")
-
-
-def bench_heap(ks: list[int]) -> None:
-    import subprocess
-    import sys
-
-    print("the engine's update, LunarLander sizes, batch 512, penalties none/l2/l2init/singular in turn, compiled")
-    print("| K | µs/run, memory returned | kept in the heap | ratio | page faults/update: returned | kept |")
-    print("|---|---|---|---|---|---|")
-    for k in ks:
-        out = {}
-        for keep in (False, True):
-            cmd = [sys.executable, "-m", "bench.bench_engine", "heap-one", "--k", str(k)] + (["--keep"] if keep else [])
-            last = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split("\n")[-2]
-            out[keep] = [float(v) for v in last.split()]
-        (a, fa), (b, fb) = out[False], out[True]
-        print(f"| {k} | {a:,.0f} | {b:,.0f} | {b / a:.2f}× | {fa:,.0f} | {fb:,.0f} |", flush=True)
 
 
 # ---- the physical limit -----------------------------------------------------------------------
@@ -263,8 +202,7 @@ def bench_limit() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("part", choices=["runs", "updates", "heap", "heap-one", "limit"])
-    parser.add_argument("--keep", action="store_true", help="heap-one: keep freed memory in the heap")
+    parser.add_argument("part", choices=["runs", "updates", "limit"])
     parser.add_argument("--k", type=int, nargs="+")
     parser.add_argument("--env", default="CartPole-v1")
     parser.add_argument("--steps", type=int, default=10_000)
@@ -281,10 +219,6 @@ def main() -> None:
         bench_runs(args.env, args.k or [8, 25], args.steps, args.rounds, args.compile)
     elif args.part == "updates":
         bench_updates(args.k or [1, 8, 25])
-    elif args.part == "heap":
-        bench_heap(args.k or [1, 8, 19])
-    elif args.part == "heap-one":
-        heap_one(args.k[0] if args.k else 8, args.keep, compile=True)
     else:
         bench_limit()
 

@@ -21,10 +21,8 @@ truncation is not terminal; hard target update every τ steps; no gradient clipp
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import math
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -118,32 +116,6 @@ def use_compile(choice: bool | None, cfg: DQNConfig, device: torch.device) -> bo
     if choice is not None:
         return choice
     return device.type == "cpu" and cfg.total_steps - cfg.learning_starts >= COMPILE_MIN_UPDATES
-
-
-HEAP_BYTES = 1 << 30
-"""glibc's mmap and trim thresholds while the engine runs (``keep_freed_memory``)."""
-
-
-def keep_freed_memory() -> None:
-    """Keep freed memory in this process's heap (glibc only; a no-op elsewhere).
-
-    An update of K runs allocates and frees tensors of K × 512 × 64 floats (2.5 MB at K = 19)
-    dozens of times per step. Above its mmap threshold glibc maps each one fresh and unmaps it on
-    free, so every step page-faults megabytes of new zeroed pages: 4,800 faults per update at
-    K = 19, measured (docs/performance.md). With the mmap and trim thresholds at 1 GiB they are
-    reused from the heap instead (``mallopt(M_MMAP_THRESHOLD)``, ``mallopt(M_TRIM_THRESHOLD)``;
-    the effect of the environment variables ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``).
-    Process-wide, like ``torch.set_num_threads``; the heap then keeps its peak size."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl): nothing to set
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    mallopt(m_mmap_threshold, HEAP_BYTES)
-    mallopt(m_trim_threshold, HEAP_BYTES)
 
 
 def batch_key(cfg: DQNConfig) -> tuple[Any, ...]:
@@ -391,7 +363,6 @@ class _Engine:
 
         # ---- set-up: environments, networks, optimizer, penalties, buffers ----------------------
         torch.set_num_threads(cfg.threads)
-        keep_freed_memory()
         self.envs = SyncVectorEnv(
             [partial(make_env, cfg.env_id) for _ in range(k)], autoreset_mode=AutoresetMode.DISABLED
         )
