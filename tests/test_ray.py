@@ -68,7 +68,8 @@ def test_a_sweep_on_a_local_ray_cluster_collects_and_resumes_killed_runs(tmp_pat
         for mode in ("kill", "rerun")
     )
     ray_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Unix socket paths must stay under 108 bytes
-    # the cluster lives and dies with `ray start --block` (its own processes, stopped by its pid)
+    # the cluster lives and dies with `ray start --block` (its own processes, stopped by its pid);
+    # in its own pid namespace, whose processes all die with it when the test times out
     script = textwrap.dedent(f"""
         set -e
         ip link set lo up
@@ -82,7 +83,11 @@ def test_a_sweep_on_a_local_ray_cluster_collects_and_resumes_killed_runs(tmp_pat
     """)
     try:
         proc = subprocess.run(
-            ["unshare", "-n", "bash", "-c", script], env=env, capture_output=True, text=True, timeout=240
+            ["unshare", "-n", "-p", "--mount-proc", "--kill-child", "bash", "-c", script],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=480,
         )
     finally:
         shutil.rmtree(ray_dir, ignore_errors=True)
