@@ -445,6 +445,11 @@ def _summary_table(rows: list[dict[str, Any]], window: int) -> Table:
     return table
 
 
+def _one_format(json_: bool, markdown: bool) -> None:
+    if json_ and markdown:
+        raise fail("--json and --markdown: choose one")
+
+
 def _markdown(columns: Sequence[str], rows: list[list[str]]) -> str:
     """A GitHub-flavoured Markdown table (line breaks inside a cell become ``<br>``, ``|`` is
     escaped)."""
@@ -488,6 +493,7 @@ def summarize(
 
     from reference_agent.experiments import results
 
+    _one_format(json_, markdown)
     rows = results.summarize(results.group_curves(_read_runs(dirs), smooth))
     if not rows:
         raise fail("the runs have no evaluation results yet")
@@ -577,6 +583,7 @@ def claims(
 
     from reference_agent.experiments.claims_intervals import Rules, check_claims, refuse
 
+    _one_format(json_, markdown)
     rules = Rules(min_seeds=min_seeds, min_updates=min_updates, last=last, statistic=statistic.value, seed=seed)
     runs, left_out = refuse(_read_runs(dirs), rules)
     for text in left_out:

@@ -197,6 +197,8 @@ def test_plot_cli_writes_figures_and_csv(tmp_path: Path) -> None:
     first = json.loads(summary.output)[0]
     assert markdown[2].startswith(f"| CartPole-v1 | {first['config']} | {first['seeds']} | {first['final_iqm']:.1f} ")
     assert len(markdown) == 2 + len(json.loads(summary.output))
+    both = runner.invoke(app, ["summarize", str(tmp_path / "sweep"), "--markdown", "--json"])
+    assert both.exit_code == 2 and "choose one" in both.output
     missing = runner.invoke(app, ["plot", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "no such directory" in missing.output
 
