@@ -155,9 +155,12 @@ def test_a_run_alone_equals_the_same_run_inside_a_batch(tmp_path: Path) -> None:
     assert _records(tmp_path / "b0", "update")[0]["loss"] != a[0]["loss"]  # the other runs are other runs
 
 
-def test_a_batch_resumes_all_its_runs_after_sigint(tmp_path: Path) -> None:
+@pytest.mark.parametrize("compile", [False, True])
+def test_a_batch_resumes_all_its_runs_after_sigint(tmp_path: Path, compile: bool) -> None:
+    """Byte-identical files after SIGINT and resume, with eager and with compiled updates."""
     cfgs = [tiny_config(reg="l2init"), tiny_config(seed=1, reg="singular", lam=0.001)]
-    full = train_batch(cfgs, [tmp_path / "full0", tmp_path / "full1"])
+    options = EngineOptions(compile=compile)
+    full = train_batch(cfgs, [tmp_path / "full0", tmp_path / "full1"], options=options)
     assert [r.state for r in full] == ["finished", "finished"]
 
     def interrupt(step: int, total: int, info: dict[str, float]) -> None:
@@ -165,9 +168,9 @@ def test_a_batch_resumes_all_its_runs_after_sigint(tmp_path: Path) -> None:
             os.kill(os.getpid(), signal.SIGINT)
 
     dirs = [tmp_path / "cut0", tmp_path / "cut1"]
-    stopped = train_batch(cfgs, dirs, progress=interrupt)
+    stopped = train_batch(cfgs, dirs, progress=interrupt, options=options)
     assert [(r.state, r.step) for r in stopped] == [("interrupted", 700)] * 2
-    resumed = train_batch([None, None], dirs, resume=True)
+    resumed = train_batch([None, None], dirs, resume=True, options=options)
     assert [r.state for r in resumed] == ["finished", "finished"]
     for i in (0, 1):
         for name in ("metrics.jsonl", "plasticity.jsonl"):
