@@ -41,7 +41,7 @@ from gymnasium.vector import AutoresetMode, SyncVectorEnv
 from torch import nn
 
 import plasticity_probe as pp
-from reference_agent import rundir
+from reference_agent import heap, rundir
 from reference_agent.checkpoint import load_checkpoint, save_checkpoint
 from reference_agent.config import DQNConfig, InterventionKind, epsilon
 from reference_agent.envs import episode_seed, make_env
@@ -479,7 +479,7 @@ class _Engine:
         # zero while the batch trains (restored afterwards; the process-wide default is off)
         torch.set_flush_denormal(True)
         try:
-            with stop_on_signals() as stop:
+            with stop_on_signals() as stop, heap.train_heap():
                 while self.step < cfg.total_steps and any(r.training for r in self.runs):
                     # ---- act ε-greedily in every run's environment, store the transitions -------
                     actions = self._act()
@@ -500,6 +500,8 @@ class _Engine:
                         if self.runs[0].probe_batch is None:
                             self._draw_probe_batches()
                         minibatch = self._update(t)
+                        if (t - cfg.learning_starts) % heap.TRIM_EVERY == 0:
+                            heap.trim()  # bounds the process (reference_agent/heap.py)
                         for run in self._training():
                             if run.intervention_due(t):
                                 self._intervene(run, t, minibatch.obs[run.index])
