@@ -16,8 +16,10 @@ Parameter penalties ``R`` per tensor θ and their gradients:
 The singular penalty of features Φ (n × d): ``σ_max² − σ_min²``, the extreme eigenvalues of the
 smaller Gram matrix; with G = ΦᵀΦ and its unit eigenvectors v, ``∂λ/∂Φ = 2 Φ v vᵀ`` (with
 G = ΦΦᵀ and eigenvectors u, ``2 u uᵀ Φ``); the smallest eigenvalue enters clamped at 0, as in
-``pp.singular_penalty``. Matrices whose batched eigendecomposition fails (or is not finite) are
-done one by one by ``pp.singular_penalty`` and autograd, with the library's fallbacks.
+``pp.singular_penalty``. ``singular_terms`` and ``singular_grad`` are tensor code the engine
+compiles with the rest of its step (the eigendecompositions inside are LAPACK calls); a step whose
+plain ``eigh`` fails or is not finite is redone eagerly with ``gram_extremes``, which has the
+library's fallbacks.
 """
 
 from __future__ import annotations
@@ -111,6 +113,7 @@ class StackedPenalty:
                 terms.append(Term(name, cols))
             self.terms.append(terms)
         self.present = [kind for kind in PARAM_KINDS if self.coef[kind].any()]
+        self._singular_t = torch.tensor(self.singular, dtype=torch.float32, device=device)
         self.device = device
         self._coef_t = {
             kind: torch.tensor(self.coef[kind], dtype=torch.float32, device=device) for kind in self.present
@@ -128,15 +131,11 @@ class StackedPenalty:
         self._coef_t = {
             kind: torch.tensor(self.coef[kind], dtype=torch.float32, device=self.device) for kind in self.present
         }
+        self._singular_t = torch.tensor(self.singular, dtype=torch.float32, device=self.device)
 
     def active(self, step: int) -> np.ndarray:
         """Runs whose penalty is added at ``step`` (``step % every == 0``)."""
         return np.array([kind is not None for kind in self.kinds]) & (step % self.every == 0)
-
-    @property
-    def has_feature_terms(self) -> bool:
-        """Whether some run of the stack has a singular (feature) penalty."""
-        return bool(self.singular.any())
 
     @property
     def param_coefs(self) -> dict[str, torch.Tensor]:
@@ -144,28 +143,16 @@ class StackedPenalty:
         some run uses (the input of ``param_penalties``)."""
         return self._coef_t
 
-    def feature_terms(
-        self, active: np.ndarray, features: Sequence[torch.Tensor]
-    ) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
-        """The singular penalties of the ``active`` runs: ``λ δ^k (σ_max² − σ_min²)`` per run and
-        layer ``(K, n_layers)`` (None when no run has one at this step) and the gradient per
-        feature layer (None where zero)."""
-        grads: list[torch.Tensor | None] = [None] * self.n_layers
-        units: torch.Tensor | None = None
-        for i in range(self.n_layers):
-            runs = np.flatnonzero((self.singular[:, i] != 0) & active)
-            if runs.size == 0:
-                continue
-            coef = torch.tensor(self.singular[runs, i], dtype=torch.float32, device=self.device)
-            index = torch.from_numpy(runs).to(self.device)
-            value, grad = singular_terms(features[i].index_select(0, index))
-            if units is None:
-                units = torch.zeros(self.k, self.n_layers, device=self.device)
-            units[:, i].index_add_(0, index, coef * value)
-            full = torch.zeros_like(features[i])
-            full.index_copy_(0, index, grad.mul_(coef.view(-1, 1, 1)))
-            grads[i] = full
-        return units, grads
+    def singular_runs(self, active: np.ndarray) -> tuple[tuple[int, ...], ...]:
+        """Per layer, the runs whose singular penalty is added at this step (the ``active`` ones
+        that penalize the layer); the compiled step is specialized to these tuples."""
+        on = (self.singular != 0) & active[:, None]
+        return tuple(tuple(int(r) for r in np.flatnonzero(on[:, i])) for i in range(self.n_layers))
+
+    @property
+    def singular_coefs(self) -> torch.Tensor:
+        """``λ δ^k`` of the singular penalty per run and layer ``(K, n_layers)``."""
+        return self._singular_t
 
     def record(self, active: np.ndarray, units: torch.Tensor) -> None:
         """Keep the step's per-unit values ``(K, n_params + n_layers)`` for ``last_terms``."""
@@ -215,50 +202,113 @@ def _param_term(kind: str, p: torch.Tensor, p0: torch.Tensor) -> tuple[torch.Ten
     return norm, x * scale
 
 
-def singular_terms(phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``σ_max² − σ_min²`` of each feature matrix of ``phi`` ``(R, n, d)`` and its gradient with
-    respect to ``phi``, as ``pp.singular_penalty`` and autograd give them."""
-    n, d = phi.shape[1], phi.shape[2]
-    tall = n >= d
-    gram = phi.transpose(1, 2) @ phi if tall else phi @ phi.transpose(1, 2)
-    if min(n, d) == 1:  # one eigenvalue: the library's penalty is 0
-        return phi.new_zeros(phi.shape[0]), torch.zeros_like(phi)
+def singular_terms(
+    features: Sequence[torch.Tensor], coefs: torch.Tensor, runs: tuple[tuple[int, ...], ...], robust: bool = False
+) -> tuple[torch.Tensor, list[torch.Tensor | None], list[torch.Tensor | None]]:
+    """The singular penalties ``λ δ^k (σ_max² − σ_min²)`` of layer i's features in the runs
+    ``runs[i]`` (``coefs``: ``λ δ^k`` per run and layer): their values ``(K, n_layers)``, and per
+    layer the input of ``singular_grad``, the extreme eigenvectors ``(K, m, 2)`` and their weights
+    ``(K, 2)`` (None for a layer no run penalizes at this step; zero for the other runs).
+    ``robust=False``: pure tensor code with one plain ``eigh`` per layer (the compiled step);
+    ``robust=True``: ``gram_extremes``, with the library's fallbacks (eager)."""
+    k = features[0].shape[0]
+    units = features[0].new_zeros(k, len(features))
+    extremes: list[torch.Tensor | None] = [None] * len(features)
+    scales: list[torch.Tensor | None] = [None] * len(features)
+    for i, chosen in enumerate(runs):
+        if not chosen:
+            continue
+        feat, index = features[i], list(chosen)
+        every = len(index) == k
+        value, ext, keep_min = (gram_extremes if robust else _eigh_extremes)(feat if every else feat[index])
+        coef = coefs[:, i] if every else coefs[index, i]
+        weight = torch.stack((coef, -coef * keep_min), dim=1)
+        if every:
+            units[:, i] = coef * value
+            extremes[i], scales[i] = ext, weight
+            continue
+        units[index, i] = coef * value
+        full_ext = feat.new_zeros(k, *ext.shape[1:])
+        full_ext[index] = ext
+        full_weight = feat.new_zeros(k, 2)
+        full_weight[index] = weight
+        extremes[i], scales[i] = full_ext, full_weight
+    return units, extremes, scales
+
+
+def _gram(phi: torch.Tensor) -> torch.Tensor:
+    """The smaller Gram matrix of each of ``phi`` ``(R, n, d)``: ΦᵀΦ when n ≥ d, else ΦΦᵀ."""
+    return phi.transpose(1, 2) @ phi if phi.shape[1] >= phi.shape[2] else phi @ phi.transpose(1, 2)
+
+
+def _from_eigh(evals: torch.Tensor, evecs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``σ_max² − max(σ_min², 0)``, the extreme eigenvectors ``(R, m, 2)`` and whether the smallest
+    enters (not clamped), from a batched ``eigh``."""
+    value = evals[:, -1] - evals[:, 0].clamp_min(0.0)
+    return value, torch.stack((evecs[:, :, -1], evecs[:, :, 0]), dim=2), (evals[:, 0] >= 0).to(evals.dtype)
+
+
+def _eigh_extremes(phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``gram_extremes`` without checks or fallbacks (pure tensor code, for the compiled step)."""
+    if min(phi.shape[1], phi.shape[2]) == 1:  # one eigenvalue: the library's penalty is 0
+        r = phi.shape[0]
+        return phi.new_zeros(r), phi.new_zeros(r, 1, 2), phi.new_zeros(r)
+    return _from_eigh(*torch.linalg.eigh(_gram(phi)))
+
+
+def gram_extremes(phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For feature matrices ``phi`` ``(R, n, d)``: ``σ_max² − max(σ_min², 0)`` per matrix ``(R,)``
+    (``pp.singular_penalty``), the unit eigenvectors of the smaller Gram matrix (ΦᵀΦ when n ≥ d,
+    else ΦΦᵀ) for its largest and smallest eigenvalue ``(R, m, 2)``, and whether the smallest
+    enters the penalty ``(R,)`` (it is clamped at 0 as in ``pp.singular_penalty``). One batched
+    ``eigh``; matrices where it fails or is not finite are done one by one (``_extremes_one``)."""
+    if min(phi.shape[1], phi.shape[2]) == 1:
+        return _eigh_extremes(phi)
+    gram = _gram(phi)
     try:
         evals, evecs = torch.linalg.eigh(gram) if bool(torch.isfinite(gram).all()) else (None, None)
     except torch.linalg.LinAlgError:
         evals, evecs = None, None
     if evals is None or evecs is None or not bool(torch.isfinite(evals).all()):
-        return _singular_one_by_one(phi)
-    keep_min = (evals[:, 0] >= 0).to(phi.dtype)
-    value = evals[:, -1] - evals[:, 0].clamp_min(0.0)
-    top, bottom = evecs[:, :, -1:], evecs[:, :, :1]  # (R, m, 1)
-    if tall:  # 2 Φ (v vᵀ)
-        grad = torch.baddbmm(
-            (phi @ top) @ top.transpose(1, 2),
-            (phi @ bottom) * keep_min.view(-1, 1, 1),
-            bottom.transpose(1, 2),
-            alpha=-1.0,
-        )
-    else:  # 2 (u uᵀ) Φ
-        grad = torch.baddbmm(
-            top @ (top.transpose(1, 2) @ phi),
-            bottom * keep_min.view(-1, 1, 1),
-            bottom.transpose(1, 2) @ phi,
-            alpha=-1.0,
-        )
-    return value, grad.mul_(2.0)
+        values, extremes, keep = zip(*(_extremes_one(g) for g in gram), strict=True)
+        return torch.stack(values), torch.stack(extremes), torch.stack(keep)
+    return _from_eigh(evals, evecs)
 
 
-def _singular_one_by_one(phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    values, grads = [], []
-    for one in phi:
-        x = one.detach().clone().requires_grad_(True)
-        with torch.enable_grad():
-            value = pp.singular_penalty(x)
-        if bool(torch.isfinite(value)):
-            (grad,) = torch.autograd.grad(value, x)
-        else:  # a diverged run: its NaN loss is reported at the next log step
-            grad = torch.zeros_like(x)
-        values.append(value.detach())
-        grads.append(grad)
-    return torch.stack(values), torch.stack(grads)
+def _extremes_one(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``gram_extremes`` of one Gram matrix the batched ``eigh`` could not do, with the fallbacks of
+    ``pp.gram_eigenvalues``: the rows and columns that are exactly zero (dead units: exact zero
+    eigenvalues, eigenvectors on which Φ is 0) set aside, the rest in float64, and its singular
+    value decomposition should that fail. A non-finite matrix (a diverged run) gives NaN and no
+    gradient: the run's loss check reports it."""
+    m = gram.shape[0]
+    extremes = gram.new_zeros(m, 2)
+    if not bool(torch.isfinite(gram).all()):
+        return gram.new_tensor(float("nan")), extremes, gram.new_zeros(())
+    live = (gram != 0).any(dim=0)
+    if not bool(live.any()):
+        return gram.new_zeros(()), extremes, gram.new_zeros(())
+    reduced = gram[live][:, live].double()
+    try:
+        evals, evecs = torch.linalg.eigh(reduced)
+    except torch.linalg.LinAlgError:
+        u, s, _ = torch.linalg.svd(reduced)  # PSD: singular values are the eigenvalues
+        evals, evecs = s.flip(0), u.flip(1)
+    extremes[live, 0] = evecs[:, -1].to(gram.dtype)
+    lam_min = evals.new_zeros(())
+    if bool(live.all()):  # else λ_min = 0, from the dead units
+        extremes[:, 1] = evecs[:, 0].to(gram.dtype)
+        lam_min = evals[0]
+    value = (evals[-1] - lam_min.clamp_min(0.0)).to(gram.dtype)
+    return value, extremes, (lam_min >= 0).to(gram.dtype)
+
+
+def singular_grad(phi: torch.Tensor, extremes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``∂/∂Φ Σ_j s_j λ_j`` for the Gram eigenpairs ``(λ_j, v_j)`` of ``gram_extremes``: with
+    G = ΦᵀΦ, ``∂λ/∂Φ = 2 Φ v vᵀ``; with G = ΦΦᵀ, ``2 u uᵀ Φ``. ``phi`` ``(R, n, d)``, ``extremes``
+    ``(R, m, 2)``, ``scales`` ``(R, 2)`` (λ δ^k and −λ δ^k for the smallest, 0 where not
+    penalized). Pure tensor code: the engine compiles it with the backward pass."""
+    s = 2.0 * scales.unsqueeze(1)
+    if phi.shape[1] >= phi.shape[2]:
+        return torch.bmm(torch.bmm(phi, extremes) * s, extremes.transpose(1, 2))
+    return torch.bmm(extremes * s, torch.bmm(extremes.transpose(1, 2), phi))

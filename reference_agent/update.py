@@ -4,34 +4,91 @@
     L_k    = mean_b (Q_k(s_b, a_b) − y_b)²                          (MSE TD loss of run k)
     θ_k   ← Adam(θ_k, ∂/∂θ_k [L_k + Σ_i λ δ^i R(θ_k,i)])             (Teo et al. 2023, eq. 3)
 
-The step has three parts: ``td_forward`` (both networks, the TD error and ``dL/dQ``), the singular
-penalty's eigendecompositions (``StackedPenalty.feature_terms``, which stay eager: LAPACK), and
-``td_backward`` (the gradients and the parameter penalties), followed by the Adam kernel
-``torch.optim.Adam(fused=True)`` runs; a batch without a singular penalty runs the first and the
-last as one function (``td_gradients``). ``td_forward`` and ``td_backward`` are pure tensor code; with
-``compile=True`` they run through ``torch.compile`` (inductor fuses their element-wise work into a
-few C++ loops around the matrix products and calls them from a C++ wrapper), which costs a one-off
-compilation of 10–30 s (cached on disk) and makes an update faster on the CPU
+``td_gradients`` is the step before Adam: ``td_forward`` (both networks, the TD error and
+``dL/dQ``), the singular penalties (``singular_terms``: Gram matrices, ``eigh``, weights) and
+``td_backward`` (the gradients, the singular penalty's feature gradients and the parameter
+penalties); the Adam kernel ``torch.optim.Adam(fused=True)`` runs follows. It is pure tensor code;
+with ``compile=True`` it runs through ``torch.compile`` (inductor fuses the element-wise work into
+a few C++ loops around the matrix products and LAPACK calls and runs them from a C++ wrapper),
+which costs a one-off compilation (cached on disk) and makes an update faster on the CPU
 (docs/performance.md); results agree with the eager step to float32 rounding
-(tests/test_engine.py).
+(tests/test_engine.py). A compiled step works through the runs in chunks of ``CHUNK_RUNS``
+(``over_chunks``), unrolled in one graph: a chunk's activations stay in the core's cache between
+the kernels that read them, where K runs' activations at once do not. A step whose plain ``eigh``
+fails (or gives non-finite values) is redone eagerly with the library's fallbacks.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from reference_agent.penalties import StackedPenalty, param_penalties
+from reference_agent.penalties import StackedPenalty, param_penalties, singular_grad, singular_terms
 from reference_agent.replay import Batch
 from reference_agent.stacked import StackedQ, mlp_backward, mlp_forward
 
 COMPILE_OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {"cpp_wrapper": True}
 """Inductor options: the compiled graph's wrapper in C++ instead of Python (measured: the update
 at K = 1 in about 0.65× the time of the Python wrapper's, docs/performance.md)."""
+
+
+class _ExpectedProxyFallback(logging.Filter):
+    """Drops inductor's notice that a LAPACK op (``eigh``) of a C++-wrapped graph is called
+    through its proxy executor: expected for the singular penalty, and nothing a user can act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "missing a c-shim implementation" not in record.getMessage()
+
+
+logging.getLogger("torch._inductor.ir").addFilter(_ExpectedProxyFallback())
+
+CHUNK_RUNS = 4
+"""Runs per chunk of a compiled step (measured, docs/performance.md: the step's graph at K = 16 in
+about 0.8× the time of one unchunked graph; compilation time grows with the number of chunks)."""
+
+
+def run_chunks(k: int, size: int) -> tuple[tuple[int, int], ...]:
+    """``(start, stop)`` of near-equal chunks of at most ``size`` of ``k`` runs."""
+    n = math.ceil(k / size)
+    bounds, start = [], 0
+    for i in range(n):
+        stop = start + k // n + (1 if i < k % n else 0)
+        bounds.append((start, stop))
+        start = stop
+    return tuple(bounds)
+
+
+Runs = tuple[tuple[int, ...], ...]
+"""Per layer, the runs whose singular penalty is added at a step (``StackedPenalty.singular_runs``)."""
+
+
+def over_chunks(fn: Callable[..., Any], bounds: tuple[tuple[int, int], ...]) -> Callable[..., Any]:
+    """``fn(*args, runs)`` on each chunk of runs (rows ``start:stop`` of every tensor argument:
+    each has the runs on dim 0; ``runs`` renumbered within the chunk), its outputs (tensors with
+    the runs on dim 0) concatenated along the runs."""
+    if len(bounds) == 1:
+        return fn
+
+    def chunked(*args: Any, runs: Runs) -> Any:
+        outs = [
+            fn(
+                *tree_map(lambda x, a=a, b=b: x[a:b] if isinstance(x, torch.Tensor) else x, args),
+                runs=tuple(tuple(r - a for r in layer if a <= r < b) for layer in runs),
+            )
+            for a, b in bounds
+        ]
+        flat = [tree_flatten(out) for out in outs]
+        leaves = [torch.cat(parts) for parts in zip(*(leaves for leaves, _ in flat), strict=True)]
+        return tree_unflatten(leaves, flat[0][1])
+
+    return chunked
 
 
 def td_forward(
@@ -63,12 +120,18 @@ def td_backward(
     obs: torch.Tensor,
     features: Sequence[torch.Tensor],
     grad_q: torch.Tensor,
-    feature_grads: Sequence[torch.Tensor | None],
+    extremes: Sequence[torch.Tensor | None],
+    scales: Sequence[torch.Tensor | None],
     coefs: dict[str, torch.Tensor],
     mask: torch.Tensor,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The gradient of TD loss + penalties per parameter tensor, and the parameter penalties
-    per run and tensor ``(K, n_params)``."""
+    per run and tensor ``(K, n_params)``; ``extremes`` and ``scales``: the singular penalty's
+    eigenvectors and weights per layer (``StackedPenalty.feature_terms``; None where none)."""
+    feature_grads = [
+        None if e is None or s is None else singular_grad(f, e, s)
+        for f, e, s in zip(features, extremes, scales, strict=True)
+    ]
     grads = mlp_backward(params, obs, features, grad_q, feature_grads)
     units, penalty_grads = param_penalties(params, init, coefs, mask)
     return [g if extra is None else g + extra for g, extra in zip(grads, penalty_grads, strict=True)], units
@@ -86,13 +149,18 @@ def td_gradients(
     gamma: float,
     coefs: dict[str, torch.Tensor],
     mask: torch.Tensor,
-) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """``td_forward`` then ``td_backward`` for a batch without feature penalties (one graph for
-    ``torch.compile``): the gradients, the statistics ``(K, 3)`` and the parameter penalties."""
+    singular_coefs: torch.Tensor,
+    *,
+    runs: Runs,
+    robust: bool = False,
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``td_forward``, ``singular_terms`` for the runs ``runs`` and ``td_backward``: the
+    gradients, the statistics ``(K, 3)``, the parameter penalties ``(K, n_params)`` and the
+    singular penalties ``(K, n_layers)``."""
     features, grad_q, stats = td_forward(params, target_params, obs, actions, rewards, next_obs, terminated, gamma)
-    no_feature_grads: list[torch.Tensor | None] = [None] * len(features)
-    grads, units = td_backward(params, init, obs, features, grad_q, no_feature_grads, coefs, mask)
-    return grads, stats, units
+    feature_units, extremes, scales = singular_terms(features, singular_coefs, runs, robust)
+    grads, units = td_backward(params, init, obs, features, grad_q, extremes, scales, coefs, mask)
+    return grads, stats, units, feature_units
 
 
 class BatchedUpdate:
@@ -158,46 +226,45 @@ class BatchedUpdate:
         return torch.cat((stats, units.sum(dim=1, keepdim=True)), dim=1)
 
     def _use(self, compile: bool) -> None:
-        """The step's functions, compiled or not: one graph when no run has a feature penalty,
-        else the forward and backward graphs around the eager eigendecompositions."""
-        wrap: Callable[[Callable[..., Any]], Callable[..., Any]] = (
-            (lambda fn: torch.compile(fn, dynamic=False, options=COMPILE_OPTIONS)) if compile else (lambda fn: fn)
+        """The step before Adam, compiled (in chunks of ``CHUNK_RUNS`` runs) or not."""
+        self._step: Callable[..., Any] = (
+            torch.compile(
+                over_chunks(td_gradients, run_chunks(self.online.k, CHUNK_RUNS)),
+                dynamic=False,
+                options=COMPILE_OPTIONS,
+            )
+            if compile
+            else td_gradients
         )
-        self._whole: Callable[..., Any] | None = None if self.penalty.has_feature_terms else wrap(td_gradients)
-        self._forward, self._backward = wrap(td_forward), wrap(td_backward)
 
     def _gradients(
         self, params: list[torch.Tensor], batch: Batch, active: np.ndarray, mask: torch.Tensor
     ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-        if self._whole is not None:
-            grads, stats, units = self._whole(
-                params,
-                self.target.params(),
-                self.penalty.init,
-                batch.obs,
-                batch.actions,
-                batch.rewards,
-                batch.next_obs,
-                batch.terminated,
-                self.gamma,
-                self.penalty.param_coefs,
-                mask,
-            )
-            return grads, stats, torch.cat((units, units.new_zeros(units.shape[0], self.penalty.n_layers)), dim=1)
-        features, grad_q, stats = self._forward(
+        args = (
             params,
             self.target.params(),
+            self.penalty.init,
             batch.obs,
             batch.actions,
             batch.rewards,
             batch.next_obs,
             batch.terminated,
             self.gamma,
+            self.penalty.param_coefs,
+            mask,
+            self.penalty.singular_coefs,
         )
-        feature_units, feature_grads = self.penalty.feature_terms(active, features)
-        grads, units = self._backward(
-            params, self.penalty.init, batch.obs, features, grad_q, feature_grads, self.penalty.param_coefs, mask
-        )
-        if feature_units is None:
-            feature_units = units.new_zeros(units.shape[0], self.penalty.n_layers)
+        runs = self.penalty.singular_runs(active)
+        if any(runs):
+            try:
+                grads, stats, units, feature_units = self._step(*args, runs=runs)
+                failed = not bool(torch.isfinite(feature_units).all())
+            except RuntimeError as err:  # LAPACK's failure (a compiled graph raises it as RuntimeError)
+                if isinstance(err, torch._dynamo.exc.TorchDynamoException):
+                    raise
+                failed = True
+            if failed:  # redo the step eagerly with the library's fallbacks (and NaN for a diverged run)
+                grads, stats, units, feature_units = td_gradients(*args, runs=runs, robust=True)
+        else:
+            grads, stats, units, feature_units = self._step(*args, runs=runs)
         return grads, stats, torch.cat((units, feature_units), dim=1)

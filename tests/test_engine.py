@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -12,6 +13,9 @@ import numpy as np
 import pytest
 import torch
 from helpers import tiny_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils._pytree import tree_flatten
 
 import plasticity_probe as pp
 from reference_agent import rundir
@@ -21,7 +25,7 @@ from reference_agent.network import QNetwork
 from reference_agent.penalties import StackedPenalty
 from reference_agent.replay import Batch
 from reference_agent.stacked import StackedQ
-from reference_agent.update import BatchedUpdate
+from reference_agent.update import BatchedUpdate, over_chunks, run_chunks, td_gradients
 
 PENALTIES = [
     dict(reg="none"),
@@ -64,7 +68,6 @@ def test_batched_update_equals_per_run_modules_with_autograd(batch_size: int, co
     online, target = StackedQ(nets), StackedQ(nets)
     penalty = StackedPenalty(cfgs, nets, [p.clone() for p in online.params()], torch.device("cpu"))
     update = BatchedUpdate(online, target, penalty, lr=1e-2, gamma=0.99, compile=compile)
-    assert (update._whole is None) == singular  # the one-graph step without feature penalties
     # Adam moves an entry by about lr whatever its gradient's size, so where a gradient is ~0 the
     # compiled kernels' other rounding shows after three steps (measured: 7.6e-6 on 1 of 72 entries)
     atol = 2e-5 if compile else 1e-6
@@ -267,3 +270,104 @@ def test_updates_compile_only_where_it_pays_off() -> None:
     assert not use_compile(None, tiny_config(), cpu)  # a short run: the compilation would dominate
     assert not use_compile(None, paper, torch.device("cuda"))
     assert use_compile(True, tiny_config(), cpu) and not use_compile(False, paper, cpu)
+
+
+@settings(max_examples=60, deadline=None)
+@given(k=st.integers(1, 60), size=st.integers(1, 8))
+def test_run_chunks_cover_the_runs_in_near_equal_chunks(k: int, size: int) -> None:
+    bounds = run_chunks(k, size)
+    assert bounds[0][0] == 0 and bounds[-1][1] == k
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))  # contiguous, in order
+    lengths = [b - a for a, b in bounds]
+    assert max(lengths) <= size and max(lengths) - min(lengths) <= 1 and len(bounds) == -(-k // size)
+
+
+def _step_args(k: int, seed: int, n: int = 48) -> tuple[tuple, StackedPenalty, np.ndarray]:
+    """The arguments of ``td_gradients`` for a batch of every penalty kind, at a step where the
+    target-only run's penalty is added."""
+    torch.manual_seed(seed)
+    cfgs = [DQNConfig(hidden_sizes=(24, 24), seed=s, **p) for s, p in enumerate(PENALTIES[:k])]  # type: ignore[arg-type]
+    nets = _nets(cfgs, 5, 3)
+    online = StackedQ(nets)
+    penalty = StackedPenalty(cfgs, nets, [p.clone() for p in online.params()], torch.device("cpu"))
+    active = penalty.active(4)
+    args = (
+        online.params(),
+        [p + 0.05 * torch.randn_like(p) for p in online.params()],
+        penalty.init,
+        torch.randn(k, n, 5),
+        torch.randint(0, 3, (k, n)),
+        torch.randn(k, n),
+        torch.randn(k, n, 5),
+        (torch.rand(k, n) < 0.2).float(),
+        0.99,
+        penalty.param_coefs,
+        torch.from_numpy(active.astype(np.float32)),
+        penalty.singular_coefs,
+    )
+    return args, penalty, active
+
+
+@pytest.mark.parametrize("size", [3, 4])
+def test_a_step_in_chunks_equals_the_step_at_once(size: int) -> None:
+    """``over_chunks`` (what the compiled step runs, here eager) against ``td_gradients`` on all
+    runs at once: every output, for chunks that split the singular runs apart (size 4: singular
+    runs 4 and 8 open a chunk)."""
+    args, penalty, active = _step_args(len(PENALTIES), seed=7)
+    runs = penalty.singular_runs(active)
+    assert sum(map(len, runs)) >= 4  # singular runs in more than one chunk
+    whole = td_gradients(*args, runs=runs)
+    chunked = over_chunks(td_gradients, run_chunks(len(PENALTIES), size))(*args, runs=runs)
+    for a, b in zip(tree_flatten(whole)[0], tree_flatten(chunked)[0], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_gram_extremes_against_numpy_with_dead_units_and_fallbacks() -> None:
+    """Values and eigenvectors against ``numpy.linalg.eigh`` in float64, for tall and wide
+    feature matrices, with dead units (exact zero columns), on the batched path and on the
+    one-by-one fallback (``_extremes_one``); a non-finite matrix gives NaN and no gradient."""
+    from reference_agent.penalties import _extremes_one, gram_extremes
+
+    torch.manual_seed(3)
+    for n, d in ((40, 12), (8, 12)):
+        phi = torch.relu(torch.randn(3, n, d) + 0.3)
+        phi[1, :, :4] = 0.0  # dead units
+        value, ext, _ = gram_extremes(phi)
+        for r in range(3):
+            x = phi[r].double().numpy()
+            g = x.T @ x if n >= d else x @ x.T
+            evals, evecs = np.linalg.eigh(g)
+            assert float(value[r]) == pytest.approx(evals[-1] - max(evals[0], 0.0), rel=1e-5, abs=1e-4)
+            assert abs(float(ext[r, :, 0].double() @ torch.from_numpy(evecs[:, -1]))) == pytest.approx(1, abs=1e-5)
+            one = _extremes_one(torch.from_numpy(g).float())
+            assert float(one[0]) == pytest.approx(evals[-1] - max(evals[0], 0.0), rel=1e-5, abs=1e-4)
+            assert abs(float(one[1][:, 0].double() @ torch.from_numpy(evecs[:, -1]))) == pytest.approx(1, abs=1e-5)
+            if n >= d and r == 1:  # λ_min = 0 from the dead units: no gradient from the smallest
+                assert not one[1][:, 1].any()
+    bad = torch.full((1, 10, 4), float("nan"))
+    value, ext, _ = gram_extremes(bad)
+    assert bool(value.isnan().all()) and not ext.any()
+
+
+def test_a_failed_eigendecomposition_redoes_the_step_eagerly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the step's plain ``eigh`` raises (as a compiled graph raises LAPACK's failure), the
+    update redoes the step with the library's fallbacks: the same parameters as an undisturbed
+    update."""
+    results = []
+    for fail in (False, True):
+        args, penalty, _ = _step_args(len(PENALTIES), seed=11)
+        nets = _nets([DQNConfig(hidden_sizes=(24, 24), seed=s) for s in range(len(PENALTIES))], 5, 3)
+        online, target = StackedQ(nets), StackedQ(nets)
+        update = BatchedUpdate(online, target, penalty, lr=1e-2, gamma=0.99)
+        if fail:
+
+            def failing(*a: object, runs: object, robust: bool = False) -> object:
+                raise RuntimeError("linalg.eigh: The algorithm failed to converge")
+
+            monkeypatch.setattr(update, "_step", failing)
+        batch = Batch(*args[3:8])
+        stats = update(4, batch)
+        results.append((stats, [p.clone() for p in online.params()]))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(a, b)
