@@ -268,6 +268,8 @@ def test_updates_compile_only_where_it_pays_off() -> None:
     cpu, paper = torch.device("cpu"), DQNConfig()  # 80,000 gradient steps
     assert use_compile(None, paper, cpu)
     assert not use_compile(None, tiny_config(), cpu)  # a short run: the compilation would dominate
+    short = tiny_config(total_steps=4500, learning_starts=500)  # 4,000 updates per run
+    assert not use_compile(None, short, cpu, k=4) and use_compile(None, short, cpu, k=5)  # paid once per batch
     assert not use_compile(None, paper, torch.device("cuda"))
     assert use_compile(True, tiny_config(), cpu) and not use_compile(False, paper, cpu)
 
