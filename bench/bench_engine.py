@@ -4,6 +4,7 @@ limit (FLOPs of the paper preset, measured matmul throughput).
 
     python -m bench.bench_engine runs [--k 8 25] [--env CartPole-v1] [--steps 4000] [--compile]
     python -m bench.bench_engine updates [--k 1 8 25]
+    python -m bench.bench_engine chunks [--chunk 1 2 4 19]
     python -m bench.bench_engine limit
 
 ``runs``: wall time of whole runs, environments, evaluation, probing and checkpoints included
@@ -172,6 +173,51 @@ def bench_updates(ks: list[int]) -> None:
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 
+# ---- the paper's LunarLander batch: chunk sizes of the compiled step ---------------------------
+def bench_chunks(sizes: list[int]) -> None:
+    """One update of the paper's LunarLander grid for one seed (19 runs: the baseline and l2,
+    l2init, singular × δ × frequency) with its penalties, eager and compiled with ``sizes`` runs
+    per chunk (19: one unchunked graph), each in this process one after the other."""
+    from reference_agent import heap, update
+    from reference_agent.experiments.sweep import paper_lunarlander
+    from reference_agent.network import QNetwork
+    from reference_agent.penalties import StackedPenalty
+    from reference_agent.replay import Batch
+    from reference_agent.stacked import StackedQ
+
+    torch.set_flush_denormal(True)
+    cfgs = paper_lunarlander(1)
+    k = len(cfgs)
+    g = torch.Generator().manual_seed(0)
+    batch = Batch(
+        obs=torch.randn(k, 512, 8, generator=g),
+        actions=torch.randint(0, 4, (k, 512), generator=g),
+        rewards=torch.randn(k, 512, generator=g),
+        next_obs=torch.randn(k, 512, 8, generator=g),
+        terminated=torch.zeros(k, 512),
+    )
+    print(f"one update of the paper's LunarLander batch (K = {k}, penalties included; a step without")
+    print("the target-only runs' penalty), µs per run (median of 5 rounds); compile: first call, s")
+    print("| update | chunk | µs per run | compile (s) |")
+    print("|---|---|---|---|")
+    with heap.train_heap():
+        for compiled, chunk in [(False, k), *((True, c) for c in sizes)]:
+            nets = []
+            for c in cfgs:
+                torch.manual_seed(c.seed)
+                nets.append(QNetwork(8, 4))
+            online, target = StackedQ(nets), StackedQ(nets)
+            penalty = StackedPenalty(cfgs, nets, [p.clone() for p in online.params()], torch.device("cpu"))
+            update.CHUNK_RUNS = chunk
+            step = update.BatchedUpdate(online, target, penalty, lr=1e-3, gamma=0.99, compile=compiled)
+            start = time.perf_counter()
+            step(1, batch)
+            first = time.perf_counter() - start
+            per_run = time_per_call(partial(step, 1, batch), 40, warmup=5) / k * 1e6
+            name = "compiled" if compiled else "eager"
+            print(f"| {name} | {chunk if compiled else '—'} | {per_run:,.0f} | {first:.1f} |", flush=True)
+
+
 # ---- the physical limit -----------------------------------------------------------------------
 def update_flops(obs_dim: int, n_actions: int, hidden: tuple[int, ...] = (64, 64), batch: int = 512) -> int:
     """Multiply-adds ×2 of one update's matrix products: online and target forward, the weight
@@ -202,8 +248,9 @@ def bench_limit() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("part", choices=["runs", "updates", "limit"])
+    parser.add_argument("part", choices=["runs", "updates", "chunks", "limit"])
     parser.add_argument("--k", type=int, nargs="+")
+    parser.add_argument("--chunk", type=int, nargs="+", default=[19, 8, 4, 2, 1])
     parser.add_argument("--env", default="CartPole-v1")
     parser.add_argument("--steps", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=1)
@@ -219,6 +266,8 @@ def main() -> None:
         bench_runs(args.env, args.k or [8, 25], args.steps, args.rounds, args.compile)
     elif args.part == "updates":
         bench_updates(args.k or [1, 8, 25])
+    elif args.part == "chunks":
+        bench_chunks(args.chunk)
     else:
         bench_limit()
 
