@@ -34,7 +34,7 @@ import plasticity_probe as pp
 from plasticity_probe.regularizers import Variant
 from reference_agent.config import DQNConfig, Reg, RegEvery
 from reference_agent.network import QNetwork
-from reference_agent.stacked import layer_names, param_names
+from reference_agent.stacked import RowGrad, layer_names, param_names
 
 PARAM_KINDS = ("sq", "sqdiff", "abs", "norm", "normdiff")
 
@@ -204,36 +204,28 @@ def _param_term(kind: str, p: torch.Tensor, p0: torch.Tensor) -> tuple[torch.Ten
 
 def singular_terms(
     features: Sequence[torch.Tensor], coefs: torch.Tensor, runs: tuple[tuple[int, ...], ...], robust: bool = False
-) -> tuple[torch.Tensor, list[torch.Tensor | None], list[torch.Tensor | None]]:
+) -> tuple[torch.Tensor, list[RowGrad | None]]:
     """The singular penalties ``λ δ^k (σ_max² − σ_min²)`` of layer i's features in the runs
     ``runs[i]`` (``coefs``: ``λ δ^k`` per run and layer): their values ``(K, n_layers)``, and per
-    layer the input of ``singular_grad``, the extreme eigenvectors ``(K, m, 2)`` and their weights
-    ``(K, 2)`` (None for a layer no run penalizes at this step; zero for the other runs).
-    ``robust=False``: pure tensor code with one plain ``eigh`` per layer (the compiled step);
-    ``robust=True``: ``gram_extremes``, with the library's fallbacks (eager)."""
+    layer their gradient on those runs' features (``singular_grad``; None for a layer no run
+    penalizes at this step). ``robust=False``: pure tensor code with one plain ``eigh`` per layer
+    (the compiled step); ``robust=True``: ``gram_extremes``, with the library's fallbacks (eager)."""
     k = features[0].shape[0]
     units = features[0].new_zeros(k, len(features))
-    extremes: list[torch.Tensor | None] = [None] * len(features)
-    scales: list[torch.Tensor | None] = [None] * len(features)
+    grads: list[RowGrad | None] = [None] * len(features)
     for i, chosen in enumerate(runs):
         if not chosen:
             continue
-        feat, index = features[i], list(chosen)
-        every = len(index) == k
-        value, ext, keep_min = (gram_extremes if robust else _eigh_extremes)(feat if every else feat[index])
-        coef = coefs[:, i] if every else coefs[index, i]
-        weight = torch.stack((coef, -coef * keep_min), dim=1)
+        every = len(chosen) == k
+        phi = features[i] if every else features[i][list(chosen)]
+        value, extremes, keep_min = (gram_extremes if robust else _eigh_extremes)(phi)
+        coef = coefs[:, i] if every else coefs[list(chosen), i]
         if every:
             units[:, i] = coef * value
-            extremes[i], scales[i] = ext, weight
-            continue
-        units[index, i] = coef * value
-        full_ext = feat.new_zeros(k, *ext.shape[1:])
-        full_ext[index] = ext
-        full_weight = feat.new_zeros(k, 2)
-        full_weight[index] = weight
-        extremes[i], scales[i] = full_ext, full_weight
-    return units, extremes, scales
+        else:
+            units[list(chosen), i] = coef * value
+        grads[i] = (chosen, singular_grad(phi, extremes, torch.stack((coef, -coef * keep_min), dim=1)))
+    return units, grads
 
 
 def _gram(phi: torch.Tensor) -> torch.Tensor:
@@ -306,8 +298,8 @@ def _extremes_one(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
 def singular_grad(phi: torch.Tensor, extremes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """``∂/∂Φ Σ_j s_j λ_j`` for the Gram eigenpairs ``(λ_j, v_j)`` of ``gram_extremes``: with
     G = ΦᵀΦ, ``∂λ/∂Φ = 2 Φ v vᵀ``; with G = ΦΦᵀ, ``2 u uᵀ Φ``. ``phi`` ``(R, n, d)``, ``extremes``
-    ``(R, m, 2)``, ``scales`` ``(R, 2)`` (λ δ^k and −λ δ^k for the smallest, 0 where not
-    penalized). Pure tensor code: the engine compiles it with the backward pass."""
+    ``(R, m, 2)``, ``scales`` ``(R, 2)`` (λ δ^k, and −λ δ^k for the smallest: 0 where it is
+    clamped). Pure tensor code: the engine compiles it with its step."""
     s = 2.0 * scales.unsqueeze(1)
     if phi.shape[1] >= phi.shape[2]:
         return torch.bmm(torch.bmm(phi, extremes) * s, extremes.transpose(1, 2))

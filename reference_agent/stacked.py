@@ -46,21 +46,33 @@ def mlp_forward(params: Sequence[torch.Tensor], x: torch.Tensor) -> list[torch.T
     return features
 
 
+RowGrad = tuple[tuple[int, ...], torch.Tensor]
+"""An extra gradient for the runs ``rows`` only: ``(rows, values)``, values ``(len(rows), …)``."""
+
+
+def add_rows(g: torch.Tensor, extra: RowGrad) -> torch.Tensor:
+    """``g`` with ``extra``'s values added to its runs (dim 0) ``rows``."""
+    rows, values = extra
+    if len(rows) == g.shape[0]:
+        return g + values
+    return g.index_add(0, torch.tensor(rows, device=g.device), values)
+
+
 def mlp_backward(
     params: Sequence[torch.Tensor],
     inputs: torch.Tensor,
     features: Sequence[torch.Tensor],
     grad_q: torch.Tensor,
-    feature_grads: Sequence[torch.Tensor | None],
+    feature_grads: Sequence[RowGrad | None],
 ) -> list[torch.Tensor]:
     """Gradients of every parameter (``params`` order) given ``dL/dQ`` (``(K, B, n_actions)``)
-    and extra gradients on layer i's features (``feature_grads[i]``, None where there are none:
-    the singular penalty), which are added where autograd would add them: on the features, before
-    the ReLU's mask."""
+    and extra gradients on layer i's features in some runs (``feature_grads[i]``, None where there
+    are none: the singular penalty), which are added where autograd would add them: on the
+    features, before the ReLU's mask."""
     n_layers = len(params) // 2
     grads: list[torch.Tensor] = [grad_q] * (2 * n_layers)
     extra = feature_grads[n_layers - 1]
-    g = grad_q if extra is None else grad_q + extra
+    g = grad_q if extra is None else add_rows(grad_q, extra)
     for i in range(n_layers - 1, -1, -1):
         below = features[i - 1] if i > 0 else inputs
         grads[2 * i] = torch.bmm(g.transpose(1, 2), below)
@@ -70,7 +82,7 @@ def mlp_backward(
         dh = torch.bmm(g, params[2 * i])
         extra = feature_grads[i - 1]
         if extra is not None:
-            dh = dh + extra
+            dh = add_rows(dh, extra)
         g = torch.ops.aten.threshold_backward(dh, below, 0.0)  # ReLU: pass where the feature > 0
     return grads
 

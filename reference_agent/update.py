@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from reference_agent.penalties import StackedPenalty, param_penalties, singular_grad, singular_terms
+from reference_agent.penalties import StackedPenalty, param_penalties, singular_terms
 from reference_agent.replay import Batch
-from reference_agent.stacked import StackedQ, mlp_backward, mlp_forward
+from reference_agent.stacked import RowGrad, StackedQ, mlp_backward, mlp_forward
 
 COMPILE_OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {"cpp_wrapper": True}
 """Inductor options: the compiled graph's wrapper in C++ instead of Python (measured: the update
@@ -120,18 +120,13 @@ def td_backward(
     obs: torch.Tensor,
     features: Sequence[torch.Tensor],
     grad_q: torch.Tensor,
-    extremes: Sequence[torch.Tensor | None],
-    scales: Sequence[torch.Tensor | None],
+    feature_grads: Sequence[RowGrad | None],
     coefs: dict[str, torch.Tensor],
     mask: torch.Tensor,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The gradient of TD loss + penalties per parameter tensor, and the parameter penalties
-    per run and tensor ``(K, n_params)``; ``extremes`` and ``scales``: the singular penalty's
-    eigenvectors and weights per layer (``StackedPenalty.feature_terms``; None where none)."""
-    feature_grads = [
-        None if e is None or s is None else singular_grad(f, e, s)
-        for f, e, s in zip(features, extremes, scales, strict=True)
-    ]
+    per run and tensor ``(K, n_params)``; ``feature_grads``: the singular penalties' gradients on
+    the features (``singular_terms``)."""
     grads = mlp_backward(params, obs, features, grad_q, feature_grads)
     units, penalty_grads = param_penalties(params, init, coefs, mask)
     return [g if extra is None else g + extra for g, extra in zip(grads, penalty_grads, strict=True)], units
@@ -158,8 +153,8 @@ def td_gradients(
     gradients, the statistics ``(K, 3)``, the parameter penalties ``(K, n_params)`` and the
     singular penalties ``(K, n_layers)``."""
     features, grad_q, stats = td_forward(params, target_params, obs, actions, rewards, next_obs, terminated, gamma)
-    feature_units, extremes, scales = singular_terms(features, singular_coefs, runs, robust)
-    grads, units = td_backward(params, init, obs, features, grad_q, extremes, scales, coefs, mask)
+    feature_units, feature_grads = singular_terms(features, singular_coefs, runs, robust)
+    grads, units = td_backward(params, init, obs, features, grad_q, feature_grads, coefs, mask)
     return grads, stats, units, feature_units
 
 
