@@ -93,6 +93,7 @@ def _update_fns(k: int, sizes: tuple[int, ...], batch: int) -> dict[str, Callabl
     act = torch.randint(0, sizes[-1], (k, batch), generator=g)
     rew = torch.randn(k, batch, generator=g)
     term = torch.zeros(k, batch)
+    nval = torch.randn(k, batch, generator=g)  # max_a' Q_target(s', a'), which the replay buffer holds
     nets = [QNetwork(sizes[0], sizes[-1], sizes[1:-1]) for _ in range(k)]
 
     # (a) hand-derived backward: the engine's update, eager and through torch.compile
@@ -101,17 +102,16 @@ def _update_fns(k: int, sizes: tuple[int, ...], batch: int) -> dict[str, Callabl
     from reference_agent.replay import Batch
     from reference_agent.update import BatchedUpdate
 
-    minibatch = Batch(obs=obs, actions=act, rewards=rew, next_obs=nobs, terminated=term)
+    minibatch = Batch(obs=obs, actions=act, rewards=rew, next_obs=nobs, terminated=term, next_value=nval)
     engine_updates = {}
     for compiled in (False, True):
-        online, target = StackedQ(nets), StackedQ(nets)
+        online = StackedQ(nets)
         penalty = StackedPenalty([DQNConfig()] * k, nets, online.params(), torch.device("cpu"))
-        update = BatchedUpdate(online, target, penalty, lr=1e-3, gamma=0.99, compile=compiled)
+        update = BatchedUpdate(online, penalty, lr=1e-3, gamma=0.99, compile=compiled)
         engine_updates[compiled] = partial(update, 1, minibatch)
 
     # (b) the same batched matrix products, autograd backward
     params_b = [p.clone().requires_grad_() for p in online.params()]
-    tgt_b = [p.clone() for p in online.params()]
     opt_b = torch.optim.Adam(params_b, lr=1e-3, fused=True)
 
     def mlp(x: torch.Tensor, ps: list[torch.Tensor]) -> torch.Tensor:
@@ -122,8 +122,7 @@ def _update_fns(k: int, sizes: tuple[int, ...], batch: int) -> dict[str, Callabl
         return x
 
     def autograd_bmm() -> None:
-        with torch.no_grad():
-            y = rew + 0.99 * (1 - term) * mlp(nobs, tgt_b).amax(dim=2)
+        y = rew + 0.99 * (1 - term) * nval
         q_sa = mlp(obs, params_b).gather(2, act.unsqueeze(2)).squeeze(2)
         loss = (q_sa - y).square().mean(dim=1).sum()
         opt_b.zero_grad(set_to_none=True)
@@ -134,20 +133,17 @@ def _update_fns(k: int, sizes: tuple[int, ...], batch: int) -> dict[str, Callabl
     net = nets[0]
     names = [n for n, _ in net.named_parameters()]
     params_c = {n: p.clone().requires_grad_() for n, p in zip(names, online.params(), strict=True)}
-    tgt_c = {n: p.clone() for n, p in zip(names, online.params(), strict=True)}
     opt_c = torch.optim.Adam(list(params_c.values()), lr=1e-3, fused=True)
 
-    def one_loss(
-        p: dict, tp: dict, o: torch.Tensor, no: torch.Tensor, a: torch.Tensor, r: torch.Tensor
-    ) -> torch.Tensor:
-        y = r + 0.99 * functional_call(net, tp, (no,)).amax(dim=1)
+    def one_loss(p: dict, o: torch.Tensor, v: torch.Tensor, a: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        y = r + 0.99 * v
         q = functional_call(net, p, (o,)).gather(1, a.unsqueeze(1)).squeeze(1)
-        return (q - y.detach()).square().mean()
+        return (q - y).square().mean()
 
     batched_loss = vmap(one_loss)
 
     def vmap_fc() -> None:
-        loss = batched_loss(params_c, tgt_c, obs, nobs, act, rew).sum()
+        loss = batched_loss(params_c, obs, nval, act, rew).sum()
         opt_c.zero_grad(set_to_none=True)
         loss.backward()
         opt_c.step()
@@ -195,6 +191,7 @@ def bench_chunks(sizes: list[int]) -> None:
         rewards=torch.randn(k, 512, generator=g),
         next_obs=torch.randn(k, 512, 8, generator=g),
         terminated=torch.zeros(k, 512),
+        next_value=torch.randn(k, 512, generator=g),
     )
     print(f"one update of the paper's LunarLander batch (K = {k}, penalties included; a step without")
     print("the target-only runs' penalty), µs per run (median of 5 rounds); compile: first call, s")
@@ -206,10 +203,10 @@ def bench_chunks(sizes: list[int]) -> None:
             for c in cfgs:
                 torch.manual_seed(c.seed)
                 nets.append(QNetwork(8, 4))
-            online, target = StackedQ(nets), StackedQ(nets)
+            online = StackedQ(nets)
             penalty = StackedPenalty(cfgs, nets, [p.clone() for p in online.params()], torch.device("cpu"))
             update.CHUNK_RUNS = chunk
-            step = update.BatchedUpdate(online, target, penalty, lr=1e-3, gamma=0.99, compile=compiled)
+            step = update.BatchedUpdate(online, penalty, lr=1e-3, gamma=0.99, compile=compiled)
             start = time.perf_counter()
             step(1, batch)
             first = time.perf_counter() - start
@@ -220,12 +217,24 @@ def bench_chunks(sizes: list[int]) -> None:
 
 # ---- the physical limit -----------------------------------------------------------------------
 def update_flops(obs_dim: int, n_actions: int, hidden: tuple[int, ...] = (64, 64), batch: int = 512) -> int:
-    """Multiply-adds ×2 of one update's matrix products: online and target forward, the weight
-    gradients and the input gradients of every layer but the first."""
+    """Multiply-adds ×2 of one update's matrix products: the online network's forward pass, the
+    weight gradients and the input gradients of every layer but the first (the target network's
+    values come from the replay buffer: ``value_flops``)."""
     sizes = (obs_dim, *hidden, n_actions)
     layer = [a * b for a, b in itertools.pairwise(sizes)]
     forward = 2 * batch * sum(layer)
-    return 2 * forward + forward + 2 * batch * sum(layer[1:])  # fwd online + target, dW, dX
+    return 2 * forward + 2 * batch * sum(layer[1:])  # fwd online, dW, dX
+
+
+def value_flops(cfg: object, obs_dim: int, n_actions: int) -> int:
+    """Multiply-adds ×2 of the next-state values a run computes: each new transition once
+    learning has started, and every stored transition at learning start and after each target
+    update (every τ steps)."""
+    sizes = (obs_dim, *cfg.hidden_sizes, n_actions)  # type: ignore[attr-defined]
+    per_row = 2 * sum(a * b for a, b in itertools.pairwise(sizes))
+    steps, start, tau = cfg.total_steps, cfg.learning_starts, cfg.target_update_period  # type: ignore[attr-defined]
+    refreshed = sum(min(t, cfg.capacity) for t in [start, *range(start + (-start % tau) or tau, steps + 1, tau)])  # type: ignore[attr-defined]
+    return per_row * (steps - start + 1 + refreshed)
 
 
 def bench_limit() -> None:
@@ -235,7 +244,7 @@ def bench_limit() -> None:
     total = 0
     for c in PRESETS["paper"](2):
         updates = c.total_steps - c.learning_starts + 1
-        total += updates * update_flops(*dims[c.env_id], c.hidden_sizes, c.batch_size)
+        total += updates * update_flops(*dims[c.env_id], c.hidden_sizes, c.batch_size) + value_flops(c, *dims[c.env_id])
     x, w = torch.randn(512, 64), torch.randn(64, 64)
     mm = 2 * 512 * 64 * 64 / time_per_call(lambda: x @ w, 2000)
     xb, wb = torch.randn(8, 512, 64), torch.randn(8, 64, 64)

@@ -17,7 +17,7 @@ strings, lists and dicts only)::
     rng           {"numpy": bit_generator.state, "torch": torch RNG state}
     episode       {"index", "actions" (int64 tensor), "return", "length"}: the episode in progress,
                   replayed from its reset seed on resume
-    buffer        {"pos", "size", "obs", "actions", "rewards", "next_obs", "terminated"}
+    buffer        {"pos", "size", "obs", "actions", "rewards", "next_obs", "terminated", "next_value"}
     probe_batch   {"obs", "actions", "rewards", "next_obs", "terminated"} or None
     stats         {"sums": float64 tensor [td_loss, q, target, penalty], "count"}: the open log interval
                   (version 1 had no penalty sum, and logged TD loss + penalty as the loss)

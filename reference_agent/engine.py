@@ -48,7 +48,7 @@ from reference_agent.envs import episode_seed, make_env
 from reference_agent.network import QNetwork
 from reference_agent.penalties import StackedPenalty
 from reference_agent.replay import Batch, StackedReplay
-from reference_agent.stacked import StackedQ
+from reference_agent.stacked import StackedQ, mlp_forward
 from reference_agent.update import BatchedUpdate
 
 ProgressFn = Callable[[int, int, dict[str, float]], None]
@@ -105,6 +105,9 @@ class EngineOptions:
     at least ``COMPILE_MIN_UPDATES`` gradient steps over all their runs, where the one-off
     compilation pays off."""
 
+
+VALUE_CHUNK = 4096
+"""Rows per forward pass when the buffer's next-state values are recomputed."""
 
 COMPILE_MIN_UPDATES = 20_000
 """With ``EngineOptions.compile=None``, batches of ≥ 20k gradient steps (runs × updates per run)
@@ -387,7 +390,6 @@ class _Engine:
         self.penalty = StackedPenalty(cfgs, nets, theta0, self.device)
         self.update = BatchedUpdate(
             self.online,
-            self.target,
             self.penalty,
             lr=cfg.learning_rate,
             gamma=cfg.gamma,
@@ -395,6 +397,7 @@ class _Engine:
         )
         self.optimizer = self.update.optimizer
         self.buffer = StackedReplay(k, cfg.capacity, obs_dim, self.device)
+        self.values_current = False  # the buffer's next-state values match the target networks
         self.stats = torch.zeros(k, 4, dtype=torch.float64, device=self.device)  # TD loss, Q, target, penalty
         self.step = 0
         self.obs = np.asarray(self.envs.reset(seed=[episode_seed(c.seed, 0, 0) for c in cfgs])[0], np.float32).copy()
@@ -445,12 +448,13 @@ class _Engine:
                 for i in adam_states[0]
             }
             self.optimizer.load_state_dict({"state": stacked, "param_groups": ckpts[0]["optimizer"]["param_groups"]})
+        held_values = []
         for run, ckpt in zip(self.runs, ckpts, strict=True):
             i = run.index
             self.online.load_state_dict(i, ckpt["online"])
             self.target.load_state_dict(i, ckpt["target"])
             run.rng.bit_generator.state = ckpt["rng"]["numpy"]
-            self.buffer.load_state_dict(i, ckpt["buffer"])
+            held_values.append(self.buffer.load_state_dict(i, ckpt["buffer"]))
             if ckpt["probe_batch"] is not None:
                 # fresh (aligned) copies: float32 kernels can round differently on unaligned memory
                 run.probe_batch = Batch(**{n: v.clone().to(self.device) for n, v in ckpt["probe_batch"].items()})
@@ -468,6 +472,8 @@ class _Engine:
                 problem = rundir.truncate_jsonl(run.run_dir / name, self.step).problem()
                 if problem:
                     run.warnings.append(problem + "; dropped on resume")
+        # values are kept from the first update on; older checkpoints have none: recomputed then
+        self.values_current = all(held_values) and self.step >= self.cfg.learning_starts
         if len(ckpts) == 1:
             torch.set_rng_state(ckpts[0]["rng"]["torch"])
 
@@ -499,6 +505,7 @@ class _Engine:
 
                     # ---- one batched gradient step on the TD losses (+ the penalties) ----------
                     if t >= cfg.learning_starts:
+                        self._next_values(next_obs)
                         if self.runs[0].probe_batch is None:
                             self._draw_probe_batches()
                         minibatch = self._update(t)
@@ -613,7 +620,29 @@ class _Engine:
             run.stats_count += 1
         if t % self.cfg.target_update_period == 0:
             self.target.copy_from(self.online)
+            self._refresh_next_values()
         return batch
+
+    def _next_values(self, next_obs: np.ndarray) -> None:
+        """Keep the buffer's next-state values current before an update: the newest row's from
+        this step's next observations, or every row's when they are not current."""
+        if not self.values_current:
+            self._refresh_next_values()
+            self.values_current = True
+            return
+        x = torch.from_numpy(np.asarray(next_obs, np.float32)).to(self.device).unsqueeze(1)
+        with torch.no_grad():
+            values = self.target.q_values(x).amax(dim=2)
+        self.buffer.set_next_values((self.buffer.pos - 1) % self.buffer.capacity, values)
+
+    def _refresh_next_values(self, runs: slice = slice(None)) -> None:
+        """``max_a' Q_target(s', a')`` of every row of the buffer of the runs ``runs``, in chunks
+        of ``VALUE_CHUNK`` rows (after a target-network update: once every τ steps)."""
+        params = [p[runs] for p in self.target.params()]
+        with torch.no_grad():
+            for start in range(0, self.buffer.size, VALUE_CHUNK):
+                x = self.buffer.next_obs_rows(start, min(start + VALUE_CHUNK, self.buffer.size))[runs]
+                self.buffer.set_next_values(start, mlp_forward(params, x)[-1].amax(dim=2), runs)
 
     def _log(self, t: int) -> None:
         means = self.stats.tolist()
@@ -770,6 +799,7 @@ class _Engine:
         i = run.index
         self.online.load_state_dict(i, run.init_state)
         self.target.load_state_dict(i, run.init_state)
+        self._refresh_next_values(slice(i, i + 1))
         for s in self.optimizer.state.values():
             for key in ("exp_avg", "exp_avg_sq"):
                 s[key][i].zero_()

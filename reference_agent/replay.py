@@ -3,10 +3,16 @@
 The runs of a batch add one transition each per environment step, so they share the write
 position and the fill level; each run samples its own indices from its own generator. Sampling
 all runs is one ``index_select`` on the flattened storage.
+
+Each transition also holds its *next-state value* ``max_a' Q_target(s', a')`` under the run's
+current target network, which the engine keeps up to date (``set_next_values``: all rows after
+every target-network update, each new row as it is added): the TD target of a sampled transition
+then needs no forward pass of the target network, whose parameters change only every τ steps.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,27 +32,31 @@ class Batch:
     rewards: torch.Tensor
     next_obs: torch.Tensor
     terminated: torch.Tensor
+    next_value: torch.Tensor | None = None
+    """``max_a' Q_target(s', a')`` of each transition (sampled from a buffer), or None."""
 
     def as_dict(self) -> dict[str, torch.Tensor]:
+        """The transitions' fields (``FIELDS``; not ``next_value``, which depends on the target)."""
         return {k: getattr(self, k) for k in FIELDS}
 
     def run(self, k: int) -> Batch:
         """Run k's minibatch of a stacked batch."""
-        return Batch(**{name: t[k] for name, t in self.as_dict().items()})
+        value = None if self.next_value is None else self.next_value[k]
+        return Batch(**{name: t[k] for name, t in self.as_dict().items()}, next_value=value)
 
 
 class StackedReplay:
     """``k`` circular buffers of ``capacity`` transitions with ``obs_dim``-float observations.
 
-    A transition is one row of ``2 obs_dim + 3`` floats (observation, next observation, action,
-    reward, terminated: actions are small integers, exact in float32), so that sampling reads one
-    contiguous row per transition instead of one cache line per field."""
+    A transition is one row of ``2 obs_dim + 4`` floats (observation, next observation, action,
+    reward, terminated, next-state value: actions are small integers, exact in float32), so that
+    sampling reads one contiguous row per transition instead of one cache line per field."""
 
     def __init__(self, k: int, capacity: int, obs_dim: int, device: torch.device | str = "cpu") -> None:
         if capacity < 1:
             raise ValueError("capacity must be >= 1")
         self.k, self.capacity, self.obs_dim = k, capacity, obs_dim
-        self.rows = torch.zeros((k, capacity, 2 * obs_dim + 3), device=device)
+        self.rows = torch.zeros((k, capacity, 2 * obs_dim + 4), device=device)
         self._offsets = (torch.arange(k, device=device) * capacity).unsqueeze(1)
         self.pos = 0
         self.size = 0
@@ -55,13 +65,25 @@ class StackedReplay:
         self, obs: np.ndarray, actions: np.ndarray, rewards: np.ndarray, next_obs: np.ndarray, terminated: np.ndarray
     ) -> None:
         """One transition per run: arrays with a leading dimension of ``k``."""
-        row = np.empty((self.k, 2 * self.obs_dim + 3), dtype=np.float32)
+        row = np.zeros((self.k, 2 * self.obs_dim + 4), dtype=np.float32)
         d = self.obs_dim
         row[:, :d], row[:, d : 2 * d] = obs, next_obs
         row[:, 2 * d], row[:, 2 * d + 1], row[:, 2 * d + 2] = actions, rewards, terminated
         self.rows[:, self.pos] = torch.from_numpy(row).to(self.rows.device)
         self.pos = (self.pos + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
+
+    @property
+    def next_value_column(self) -> int:
+        return 2 * self.obs_dim + 3
+
+    def next_obs_rows(self, start: int, stop: int) -> torch.Tensor:
+        """The next observations of rows ``start:stop`` of every run ``(k, stop − start, obs_dim)``."""
+        return self.rows[:, start:stop, self.obs_dim : 2 * self.obs_dim]
+
+    def set_next_values(self, start: int, values: torch.Tensor, runs: slice = slice(None)) -> None:
+        """Next-state values ``(k', n)`` of rows ``start:start + n`` of the runs ``runs``."""
+        self.rows[runs, start : start + values.shape[1], self.next_value_column] = values
 
     def sample(self, rngs: list[np.random.Generator], batch_size: int) -> Batch:
         """Uniform samples with replacement, run k's indices from ``rngs[k]``."""
@@ -78,8 +100,9 @@ class StackedReplay:
         return self._fields(rows.reshape(*idx.shape, -1))
 
     def run_rows(self, k: int, positions: torch.Tensor) -> Batch:
-        """Run k's transitions at ``positions`` (leading dim B)."""
-        return self._fields(self.rows[k].index_select(0, positions))
+        """Run k's transitions at ``positions`` (leading dim B), without next-state values (they
+        change with the target network)."""
+        return dataclasses.replace(self._fields(self.rows[k].index_select(0, positions)), next_value=None)
 
     def _fields(self, rows: torch.Tensor) -> Batch:
         d = self.obs_dim
@@ -89,17 +112,22 @@ class StackedReplay:
             rewards=rows[..., 2 * d + 1].contiguous(),
             next_obs=rows[..., d : 2 * d].contiguous(),
             terminated=rows[..., 2 * d + 2].contiguous(),
+            next_value=rows[..., 2 * d + 3].contiguous(),
         )
 
     def state_dict(self, k: int) -> dict[str, object]:
         """Run k's buffer in the checkpoint format: ``pos``, ``size`` and the filled rows of each
         field (``obs``, ``next_obs``: ``(n, obs_dim)`` float32; ``actions``: int64; ``rewards``,
-        ``terminated``: float32)."""
+        ``terminated``, ``next_value``: float32)."""
         n = self.size
-        fields = self._fields(self.rows[k, :n]).as_dict()
+        batch = self._fields(self.rows[k, :n])
+        assert batch.next_value is not None
+        fields = {**batch.as_dict(), "next_value": batch.next_value}
         return {"pos": self.pos, "size": n, **{f: v.to("cpu", copy=True) for f, v in fields.items()}}
 
-    def load_state_dict(self, k: int, state: dict[str, object]) -> None:
+    def load_state_dict(self, k: int, state: dict[str, object]) -> bool:
+        """Restore run k's buffer; returns whether the state held next-state values (checkpoints
+        written before they existed do not: the engine recomputes them)."""
         n = int(state["size"])  # type: ignore[call-overload]
         if n > self.capacity:
             raise ValueError(f"buffer state holds {n} transitions, capacity is {self.capacity}")
@@ -114,4 +142,8 @@ class StackedReplay:
         target[:, d : 2 * d] = fields["next_obs"].to(device)
         for column, f in ((2 * d, "actions"), (2 * d + 1, "rewards"), (2 * d + 2, "terminated")):
             target[:, column] = fields[f].to(device)
+        value = state.get("next_value")
+        if isinstance(value, torch.Tensor):
+            target[:, self.next_value_column] = value.to(device)
         self.pos, self.size = int(state["pos"]), n  # type: ignore[call-overload]
+        return isinstance(value, torch.Tensor)

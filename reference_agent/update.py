@@ -1,11 +1,12 @@
 """One gradient step of K stacked runs: TD losses, penalties, hand-derived backward, fused Adam.
 
-    y      = r + γ (1 − terminated) max_a' Q_target(s', a')        (no gradient through y)
+    y      = r + γ (1 − terminated) max_a' Q_target(s', a')        (no gradient through y; the
+                                                                    replay buffer holds max_a' Q_target)
     L_k    = mean_b (Q_k(s_b, a_b) − y_b)²                          (MSE TD loss of run k)
     θ_k   ← Adam(θ_k, ∂/∂θ_k [L_k + Σ_i λ δ^i R(θ_k,i)])             (Teo et al. 2023, eq. 3)
 
-``td_gradients`` is the step before Adam: ``td_forward`` (both networks, the TD error and
-``dL/dQ``), the singular penalties (``singular_terms``: Gram matrices, ``eigh``, weights) and
+``td_gradients`` is the step before Adam: ``td_forward`` (the online network, the TD error and
+``dL/dQ``; the target network's values come from the replay buffer, see ``replay``), the singular penalties (``singular_terms``: Gram matrices, ``eigh``, weights) and
 ``td_backward`` (the gradients, the singular penalty's feature gradients and the parameter
 penalties); the Adam kernel ``torch.optim.Adam(fused=True)`` runs follows. It is pure tensor code;
 with ``compile=True`` it runs through ``torch.compile`` (inductor fuses the element-wise work into
@@ -50,8 +51,9 @@ class _ExpectedProxyFallback(logging.Filter):
 logging.getLogger("torch._inductor.ir").addFilter(_ExpectedProxyFallback())
 
 CHUNK_RUNS = 4
-"""Runs per chunk of a compiled step (measured, docs/performance.md: the step's graph at K = 16 in
-about 0.8× the time of one unchunked graph; compilation time grows with the number of chunks)."""
+"""Runs per chunk of a compiled step (``python -m bench.bench_engine chunks``, docs/performance.md:
+the paper's LunarLander batch of 19 runs in 0.82× the time of one unchunked graph; chunks of 2
+gain 2 % more and compile for 50 s instead of about 20)."""
 
 
 def run_chunks(k: int, size: int) -> tuple[tuple[int, int], ...]:
@@ -93,18 +95,17 @@ def over_chunks(fn: Callable[..., Any], bounds: tuple[tuple[int, int], ...]) -> 
 
 def td_forward(
     params: Sequence[torch.Tensor],
-    target_params: Sequence[torch.Tensor],
     obs: torch.Tensor,
     actions: torch.Tensor,
     rewards: torch.Tensor,
-    next_obs: torch.Tensor,
+    next_value: torch.Tensor,
     terminated: torch.Tensor,
     gamma: float,
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """The online network's features, ``dL/dQ`` ``(K, B, n_actions)`` and the statistics
-    ``(K, 3)``: TD loss, mean Q(s, a), mean target y."""
-    next_q = mlp_forward(target_params, next_obs)[-1].amax(dim=2)
-    y = rewards + gamma * (1.0 - terminated) * next_q
+    ``(K, 3)``: TD loss, mean Q(s, a), mean target y; ``next_value``: ``max_a' Q_target(s', a')``
+    of each transition (``Batch.next_value``)."""
+    y = rewards + gamma * (1.0 - terminated) * next_value
     features = mlp_forward(params, obs)
     index = actions.unsqueeze(2)
     q_sa = features[-1].gather(2, index).squeeze(2)
@@ -134,12 +135,11 @@ def td_backward(
 
 def td_gradients(
     params: Sequence[torch.Tensor],
-    target_params: Sequence[torch.Tensor],
     init: Sequence[torch.Tensor],
     obs: torch.Tensor,
     actions: torch.Tensor,
     rewards: torch.Tensor,
-    next_obs: torch.Tensor,
+    next_value: torch.Tensor,
     terminated: torch.Tensor,
     gamma: float,
     coefs: dict[str, torch.Tensor],
@@ -152,7 +152,7 @@ def td_gradients(
     """``td_forward``, ``singular_terms`` for the runs ``runs`` and ``td_backward``: the
     gradients, the statistics ``(K, 3)``, the parameter penalties ``(K, n_params)`` and the
     singular penalties ``(K, n_layers)``."""
-    features, grad_q, stats = td_forward(params, target_params, obs, actions, rewards, next_obs, terminated, gamma)
+    features, grad_q, stats = td_forward(params, obs, actions, rewards, next_value, terminated, gamma)
     feature_units, feature_grads = singular_terms(features, singular_coefs, runs, robust)
     grads, units = td_backward(params, init, obs, features, grad_q, feature_grads, coefs, mask)
     return grads, stats, units, feature_units
@@ -169,14 +169,13 @@ class BatchedUpdate:
     def __init__(
         self,
         online: StackedQ,
-        target: StackedQ,
         penalty: StackedPenalty,
         *,
         lr: float,
         gamma: float,
         compile: bool = False,
     ) -> None:
-        self.online, self.target, self.penalty, self.gamma = online, target, penalty, gamma
+        self.online, self.penalty, self.gamma = online, penalty, gamma
         self.optimizer = torch.optim.Adam(online.params(), lr=lr, fused=True)
         for p in online.params():
             self.optimizer.state[p] = {
@@ -235,14 +234,15 @@ class BatchedUpdate:
     def _gradients(
         self, params: list[torch.Tensor], batch: Batch, active: np.ndarray, mask: torch.Tensor
     ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        if batch.next_value is None:
+            raise ValueError("the update needs the next-state values of the batch (Batch.next_value)")
         args = (
             params,
-            self.target.params(),
             self.penalty.init,
             batch.obs,
             batch.actions,
             batch.rewards,
-            batch.next_obs,
+            batch.next_value,
             batch.terminated,
             self.gamma,
             self.penalty.param_coefs,

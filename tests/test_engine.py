@@ -65,9 +65,9 @@ def test_batched_update_equals_per_run_modules_with_autograd(batch_size: int, co
     kinds = [p for p in PENALTIES if singular or p.get("reg") != "singular"]
     cfgs = [DQNConfig(hidden_sizes=hidden, seed=s, **p) for s, p in enumerate(kinds)]  # type: ignore[arg-type]
     nets = _nets(cfgs, obs_dim, n_actions)
-    online, target = StackedQ(nets), StackedQ(nets)
+    online = StackedQ(nets)
     penalty = StackedPenalty(cfgs, nets, [p.clone() for p in online.params()], torch.device("cpu"))
-    update = BatchedUpdate(online, target, penalty, lr=1e-2, gamma=0.99, compile=compile)
+    update = BatchedUpdate(online, penalty, lr=1e-2, gamma=0.99, compile=compile)
     # Adam moves an entry by about lr whatever its gradient's size, so where a gradient is ~0 the
     # compiled kernels' other rounding shows after three steps (measured: 7.6e-6 on 1 of 72 entries)
     atol = 2e-5 if compile else 1e-6
@@ -80,8 +80,6 @@ def test_batched_update_equals_per_run_modules_with_autograd(batch_size: int, co
         with torch.no_grad():  # a target different from the online network
             for p in t.parameters():
                 p.add_(0.05 * torch.randn_like(p))
-    for k, t in enumerate(ref_t):
-        target.load_state_dict(k, t.state_dict())
     ref_opt = [torch.optim.Adam(q.parameters(), lr=1e-2) for q in ref_q]
     regs = [
         None
@@ -106,6 +104,8 @@ def test_batched_update_equals_per_run_modules_with_autograd(batch_size: int, co
             next_obs=torch.randn(k, batch_size, obs_dim),
             terminated=(torch.rand(k, batch_size) < 0.2).float(),
         )
+        with torch.no_grad():  # what the replay buffer holds: max_a' Q_target(s', a'), from each run's target
+            batch.next_value = torch.stack([t(o).amax(dim=1) for t, o in zip(ref_t, batch.next_obs, strict=True)])
         stats = update(step, batch)
         err_sq, pen = stats[:, 0], stats[:, 3]
         for r in range(k):
@@ -295,12 +295,11 @@ def _step_args(k: int, seed: int, n: int = 48) -> tuple[tuple, StackedPenalty, n
     active = penalty.active(4)
     args = (
         online.params(),
-        [p + 0.05 * torch.randn_like(p) for p in online.params()],
         penalty.init,
         torch.randn(k, n, 5),
         torch.randint(0, 3, (k, n)),
         torch.randn(k, n),
-        torch.randn(k, n, 5),
+        torch.randn(k, n),
         (torch.rand(k, n) < 0.2).float(),
         0.99,
         penalty.param_coefs,
@@ -359,17 +358,66 @@ def test_a_failed_eigendecomposition_redoes_the_step_eagerly(monkeypatch: pytest
     for fail in (False, True):
         args, penalty, _ = _step_args(len(PENALTIES), seed=11)
         nets = _nets([DQNConfig(hidden_sizes=(24, 24), seed=s) for s in range(len(PENALTIES))], 5, 3)
-        online, target = StackedQ(nets), StackedQ(nets)
-        update = BatchedUpdate(online, target, penalty, lr=1e-2, gamma=0.99)
+        online = StackedQ(nets)
+        update = BatchedUpdate(online, penalty, lr=1e-2, gamma=0.99)
         if fail:
 
             def failing(*a: object, runs: object, robust: bool = False) -> object:
                 raise RuntimeError("linalg.eigh: The algorithm failed to converge")
 
             monkeypatch.setattr(update, "_step", failing)
-        batch = Batch(*args[3:8])
+        obs, actions, rewards, next_value, terminated = args[2:7]
+        batch = Batch(obs, actions, rewards, torch.zeros_like(obs), terminated, next_value)
         stats = update(4, batch)
         results.append((stats, [p.clone() for p in online.params()]))
     torch.testing.assert_close(results[0][0], results[1][0])
     for a, b in zip(results[0][1], results[1][1], strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("capacity", [0, 700])  # 700 < 1,500 steps: the buffer wraps around
+def test_the_buffer_holds_each_transitions_value_under_the_current_target(tmp_path: Path, capacity: int) -> None:
+    """At the end of a run (after target updates, with rows added since the last one) every row's
+    next-state value equals ``max_a' Q_target(s', a')`` of the checkpoint's own target network,
+    computed here with a plain ``QNetwork``."""
+    from reference_agent.checkpoint import load_checkpoint
+
+    cfg = tiny_config(total_steps=1500, target_update_period=200, checkpoint_every=1500, buffer_size=capacity)
+    assert cfg.total_steps % cfg.target_update_period != 0  # rows were added since the last target update
+    train(cfg, tmp_path / "r")
+    ckpt = load_checkpoint(tmp_path / "r" / "checkpoint.pt")
+    target = QNetwork(4, 2, cfg.hidden_sizes)
+    target.load_state_dict(ckpt["target"])
+    buffer = ckpt["buffer"]
+    with torch.no_grad():
+        expected = target(buffer["next_obs"]).amax(dim=1)
+    assert buffer["next_value"].shape == (buffer["size"],) and buffer["size"] == (capacity or 1500)
+    torch.testing.assert_close(buffer["next_value"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpoint_without_next_state_values_resumes_by_recomputing_them(tmp_path: Path) -> None:
+    """A checkpoint written before the buffer held next-state values (no ``next_value``) resumes:
+    the values are recomputed from its target network, and the run's updates after the resume
+    equal an uninterrupted run's to float tolerance."""
+    from reference_agent.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg = tiny_config(total_steps=1200, log_every=50)
+    train(cfg, tmp_path / "full")
+
+    def interrupt(step: int, total: int, info: dict[str, float]) -> None:
+        if step == 700:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    assert train(cfg, tmp_path / "cut", progress=interrupt).state == "interrupted"
+    ckpt = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    del ckpt["buffer"]["next_value"]
+    save_checkpoint(
+        tmp_path / "cut" / "checkpoint.pt",
+        {k: v for k, v in ckpt.items() if k not in ("format", "version", "checksum")},
+    )
+    assert train(None, tmp_path / "cut", resume=True).state == "finished"
+    full, cut = _records(tmp_path / "full", "update"), _records(tmp_path / "cut", "update")
+    after = [r for r in full if r["step"] > 700]
+    assert len(after) == 10 and [r["step"] for r in after] == [r["step"] for r in cut if r["step"] > 700]
+    for a, b in zip(after, [r for r in cut if r["step"] > 700], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6), a["step"]
