@@ -6,11 +6,12 @@
     θ_k   ← Adam(θ_k, ∂/∂θ_k [L_k + Σ_i λ δ^i R(θ_k,i)])             (Teo et al. 2023, eq. 3)
 
 ``td_gradients`` is the step before Adam: ``td_forward`` (the online network, the TD error and
-``dL/dQ``; the target network's values come from the replay buffer, see ``replay``), the singular penalties (``singular_terms``: Gram matrices, ``eigh``, weights) and
-``td_backward`` (the gradients, the singular penalty's feature gradients and the parameter
-penalties); the Adam kernel ``torch.optim.Adam(fused=True)`` runs follows. It is pure tensor code;
-with ``compile=True`` it runs through ``torch.compile`` (inductor fuses the element-wise work into
-a few C++ loops around the matrix products and LAPACK calls and runs them from a C++ wrapper),
+``dL/dQ``; the target network's values come from the replay buffer, see ``replay``), the
+singular penalties (``singular_terms``: Gram matrices, ``eigh``, weights) and ``td_backward``
+(the gradients, the singular penalty's feature gradients and the parameter penalties); the Adam
+kernel ``torch.optim.Adam(fused=True)`` runs follows. It is pure tensor code; with
+``compile=True`` it runs through ``torch.compile`` (inductor fuses the element-wise work into a
+few C++ loops around the matrix products and LAPACK calls and runs them from a C++ wrapper),
 which costs a one-off compilation (cached on disk) and makes an update faster on the CPU
 (docs/performance.md); results agree with the eager step to float32 rounding
 (tests/test_engine.py). A compiled step works through the runs in chunks of ``CHUNK_RUNS``
