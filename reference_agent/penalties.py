@@ -113,11 +113,8 @@ class StackedPenalty:
                 terms.append(Term(name, cols))
             self.terms.append(terms)
         self.present = [kind for kind in PARAM_KINDS if self.coef[kind].any()]
-        self._singular_t = torch.tensor(self.singular, dtype=torch.float32, device=device)
         self.device = device
-        self._coef_t = {
-            kind: torch.tensor(self.coef[kind], dtype=torch.float32, device=device) for kind in self.present
-        }
+        self._upload_tables()
         self.last_units = torch.zeros(self.k, self.n_params + n_layers, device=device)
         self.last_active = np.zeros(self.k, dtype=bool)
         self.any = any(kind is not None for kind in self.kinds)
@@ -128,6 +125,10 @@ class StackedPenalty:
         for kind in PARAM_KINDS:
             self.coef[kind][run] = 0.0
         self.singular[run] = 0.0
+        self._upload_tables()
+
+    def _upload_tables(self) -> None:
+        """The coefficient tables as tensors on the device (``param_coefs``, ``singular_coefs``)."""
         self._coef_t = {
             kind: torch.tensor(self.coef[kind], dtype=torch.float32, device=self.device) for kind in self.present
         }

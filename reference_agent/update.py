@@ -53,8 +53,8 @@ logging.getLogger("torch._inductor.ir").addFilter(_ExpectedProxyFallback())
 
 CHUNK_RUNS = 4
 """Runs per chunk of a compiled step (``python -m bench.bench_engine chunks``, docs/performance.md:
-the paper's LunarLander batch of 19 runs in 0.82× the time of one unchunked graph; chunks of 2
-gain 2 % more and compile for 50 s instead of about 20)."""
+the paper's LunarLander batch of 19 runs in 0.70× the time of one unchunked graph; in an earlier
+run of the same command, chunks of 2 gained 2 % more and took 50 s to compile)."""
 
 
 def run_chunks(k: int, size: int) -> tuple[tuple[int, int], ...]:
