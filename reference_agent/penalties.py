@@ -147,6 +147,8 @@ class StackedPenalty:
     def singular_runs(self, active: np.ndarray) -> tuple[tuple[int, ...], ...]:
         """Per layer, the runs whose singular penalty is added at this step (the ``active`` ones
         that penalize the layer); the compiled step is specialized to these tuples."""
+        if not active.any() or not self.singular.any():
+            return ((),) * self.n_layers
         on = (self.singular != 0) & active[:, None]
         return tuple(tuple(int(r) for r in np.flatnonzero(on[:, i])) for i in range(self.n_layers))
 

@@ -89,15 +89,18 @@ class StackedReplay:
         """Uniform samples with replacement, run k's indices from ``rngs[k]``."""
         if self.size == 0:
             raise ValueError("cannot sample from an empty replay buffer")
-        idx = np.stack([rng.integers(0, self.size, size=batch_size) for rng in rngs])
+        idx = np.empty((self.k, batch_size), dtype=np.int64)
+        for i, rng in enumerate(rngs):
+            idx[i] = rng.integers(0, self.size, size=batch_size)
         return self.gather(idx)
 
     def gather(self, indices: np.ndarray) -> Batch:
         """``indices``: ``(k, B)`` positions per run."""
         idx = torch.from_numpy(np.asarray(indices, dtype=np.int64)).to(self.rows.device)
-        flat = (idx + self._offsets).reshape(-1)
-        rows = self.rows.reshape(self.k * self.capacity, -1).index_select(0, flat)
-        return self._fields(rows.reshape(*idx.shape, -1))
+        if self.k > 1:
+            idx = idx + self._offsets
+        rows = self.rows.view(self.k * self.capacity, -1).index_select(0, idx.view(-1))
+        return self._fields(rows.view(*idx.shape, -1))
 
     def run_rows(self, k: int, positions: torch.Tensor) -> Batch:
         """Run k's transitions at ``positions`` (leading dim B), without next-state values (they
@@ -105,14 +108,16 @@ class StackedReplay:
         return dataclasses.replace(self._fields(self.rows[k].index_select(0, positions)), next_value=None)
 
     def _fields(self, rows: torch.Tensor) -> Batch:
+        """The fields of ``rows``: ``obs`` (the update's matrix-product input) and ``actions``
+        copied, the others views into ``rows``."""
         d = self.obs_dim
         return Batch(
             obs=rows[..., :d].contiguous(),
             actions=rows[..., 2 * d].long(),
-            rewards=rows[..., 2 * d + 1].contiguous(),
-            next_obs=rows[..., d : 2 * d].contiguous(),
-            terminated=rows[..., 2 * d + 2].contiguous(),
-            next_value=rows[..., 2 * d + 3].contiguous(),
+            rewards=rows[..., 2 * d + 1],
+            next_obs=rows[..., d : 2 * d],
+            terminated=rows[..., 2 * d + 2],
+            next_value=rows[..., 2 * d + 3],
         )
 
     def state_dict(self, k: int) -> dict[str, object]:

@@ -106,7 +106,7 @@ def td_forward(
     """The online network's features, ``dL/dQ`` ``(K, B, n_actions)`` and the statistics
     ``(K, 3)``: TD loss, mean Q(s, a), mean target y; ``next_value``: ``max_a' Q_target(s', a')``
     of each transition (``Batch.next_value``)."""
-    y = rewards + gamma * (1.0 - terminated) * next_value
+    y = rewards + gamma * torch.rsub(terminated, 1.0) * next_value
     features = mlp_forward(params, obs)
     index = actions.unsqueeze(2)
     q_sa = features[-1].gather(2, index).squeeze(2)
