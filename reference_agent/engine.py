@@ -447,7 +447,7 @@ class _Engine:
                 }
                 for i in adam_states[0]
             }
-            self.optimizer.load_state_dict({"state": stacked, "param_groups": ckpts[0]["optimizer"]["param_groups"]})
+            self.update.load_optimizer_state({"state": stacked, "param_groups": ckpts[0]["optimizer"]["param_groups"]})
         held_values = []
         for run, ckpt in zip(self.runs, ckpts, strict=True):
             i = run.index
@@ -572,9 +572,7 @@ class _Engine:
         explore = [run.rng.random() < epsilon(self.step, run.cfg) for run in self.runs]
         greedy: list[int] = []
         if not all(explore):
-            with torch.inference_mode():
-                obs = torch.from_numpy(self.obs).to(self.device).unsqueeze(1)
-                greedy = self.online.q_values(obs).squeeze(1).argmax(dim=1).tolist()
+            greedy = self.online.q_values(self.obs[:, None]).argmax(axis=2)[:, 0].tolist()
         return np.array(
             [
                 int(run.rng.integers(self.n_actions)) if e else greedy[run.index]
@@ -630,9 +628,7 @@ class _Engine:
             self._refresh_next_values()
             self.values_current = True
             return
-        x = torch.from_numpy(np.asarray(next_obs, np.float32)).to(self.device).unsqueeze(1)
-        with torch.no_grad():
-            values = self.target.q_values(x).amax(dim=2)
+        values = torch.from_numpy(self.target.q_values(next_obs[:, None]).max(axis=2)).to(self.device)
         self.buffer.set_next_values((self.buffer.pos - 1) % self.buffer.capacity, values)
 
     def _refresh_next_values(self, runs: slice = slice(None)) -> None:
@@ -685,8 +681,7 @@ class _Engine:
                 obs[run.index, e] = envs[e].reset(seed=episode_seed(run.cfg.seed, 1, first + e))[0]
                 live[run.index, e] = True
         while live.any():
-            with torch.inference_mode():
-                actions = self.online.q_values(torch.from_numpy(obs).to(self.device)).argmax(dim=2).cpu().numpy()
+            actions = self.online.q_values(obs).argmax(axis=2)
             for i, e in zip(*np.nonzero(live), strict=True):
                 o, reward, terminated, truncated, _ = self.eval_envs[i][e].step(int(actions[i, e]))
                 obs[i, e] = o

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -109,9 +110,22 @@ class StackedQ:
         """Weight, bias of each layer in turn (``QNetwork.parameters()`` order)."""
         return [t for w, b in zip(self.weights, self.biases, strict=True) for t in (w, b)]
 
-    def q_values(self, x: torch.Tensor) -> torch.Tensor:
-        """Q-values ``(K, B, n_actions)`` of every run on ``x`` ``(K, B, obs_dim)``."""
-        return mlp_forward(self.params(), x)[-1]
+    def q_values(self, x: np.ndarray) -> np.ndarray:
+        """Q-values ``(K, B, n_actions)`` (float32) of every run on observations ``x``
+        ``(K, B, obs_dim)``: acting, evaluation and the new transition's next-state value, a few
+        rows per run at a time. On the CPU the products run in numpy on zero-copy views of the
+        parameters (torch's per-op dispatch costs tens of µs at these sizes, numpy's a few:
+        docs/performance.md); elsewhere through ``mlp_forward``."""
+        if self.weights[0].device.type != "cpu":
+            with torch.inference_mode():
+                x_t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.weights[0].device)
+                return mlp_forward(self.params(), x_t)[-1].cpu().numpy()
+        h = np.asarray(x, dtype=np.float32)
+        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            h = np.matmul(h, w.detach().numpy().transpose(0, 2, 1)) + b.detach().numpy()[:, None, :]
+            if i < self.n_layers - 1:
+                np.maximum(h, 0.0, out=h)
+        return h
 
     def copy_from(self, other: StackedQ) -> None:
         with torch.no_grad():

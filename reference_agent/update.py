@@ -1,4 +1,4 @@
-"""One gradient step of K stacked runs: TD losses, penalties, hand-derived backward, fused Adam.
+"""One gradient step of K stacked runs: TD losses, penalties, hand-derived backward, Adam.
 
     y      = r + γ (1 − terminated) max_a' Q_target(s', a')        (no gradient through y; the
                                                                     replay buffer holds max_a' Q_target)
@@ -8,16 +8,17 @@
 ``td_gradients`` is the step before Adam: ``td_forward`` (the online network, the TD error and
 ``dL/dQ``; the target network's values come from the replay buffer, see ``replay``), the
 singular penalties (``singular_terms``: Gram matrices, ``eigh``, weights) and ``td_backward``
-(the gradients, the singular penalty's feature gradients and the parameter penalties); the Adam
-kernel ``torch.optim.Adam(fused=True)`` runs follows. It is pure tensor code; with
-``compile=True`` it runs through ``torch.compile`` (inductor fuses the element-wise work into a
-few C++ loops around the matrix products and LAPACK calls and runs them from a C++ wrapper),
-which costs a one-off compilation (cached on disk) and makes an update faster on the CPU
-(docs/performance.md); results agree with the eager step to float32 rounding
-(tests/test_engine.py). A compiled step works through the runs in chunks of ``CHUNK_RUNS``
-(``over_chunks``), unrolled in one graph: a chunk's activations stay in the core's cache between
-the kernels that read them, where K runs' activations at once do not. A step whose plain ``eigh``
-fails (or gives non-finite values) is redone eagerly with the library's fallbacks.
+(the gradients, the singular penalty's feature gradients and the parameter penalties). Eagerly,
+torch's fused Adam kernel follows. With ``compile=True`` the whole step, Adam included
+(``adam_step``, the same formula written out), runs through ``torch.compile``: inductor fuses the
+element-wise work, Adam's with the gradients', into a few C++ loops around the matrix products
+and LAPACK calls and runs them from a C++ wrapper. That costs a one-off compilation (cached on
+disk) and makes an update faster on the CPU (docs/performance.md); results agree with the eager
+step to float32 rounding (tests/test_engine.py). A compiled step works through the runs in chunks
+of ``CHUNK_RUNS`` (``over_chunks``), unrolled in one graph: a chunk's activations stay in the
+core's cache between the kernels that read them, where K runs' activations at once do not. A
+compiled step whose plain ``eigh`` fails (or gives non-finite values) changes nothing and is redone
+eagerly with the library's fallbacks.
 """
 
 from __future__ import annotations
@@ -159,13 +160,51 @@ def td_gradients(
     return grads, stats, units, feature_units
 
 
+def adam_step(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    step: torch.Tensor,
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    ok: torch.Tensor | None = None,
+) -> None:
+    """One Adam step in place (Kingma & Ba 2015; ``torch.optim.Adam`` without weight decay, as its
+    fused kernel computes it), with t = step + 1:
+
+        m ← β1 m + (1 − β1) g,    v ← β2 v + (1 − β2) g²,
+        θ ← θ − lr / (1 − β1^t) · m / (√v / √(1 − β2^t) + ε),    step ← t.
+
+    Tensor code for the compiled step, where inductor fuses it with the gradients. ``ok`` (a 0-dim
+    bool tensor): where it is false nothing changes (a step whose eigendecomposition failed)."""
+    beta1, beta2 = betas
+    t = step + 1
+    step_size = lr / (1 - beta1**t)
+    bias2_sqrt = (1 - beta2**t).sqrt()
+    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True):
+        m_new = m.lerp(g, 1 - beta1)
+        v_new = v * beta2 + (1 - beta2) * g * g
+        p_new = p - step_size * m_new / (v_new.sqrt() / bias2_sqrt + eps)
+        if ok is not None:
+            m_new, v_new, p_new = (torch.where(ok, new, old) for new, old in ((m_new, m), (v_new, v), (p_new, p)))
+        m.copy_(m_new)
+        v.copy_(v_new)
+        p.copy_(p_new)
+    step.copy_(t if ok is None else torch.where(ok, t, step))
+
+
 class BatchedUpdate:
     """``update(step, batch) -> (K, 4)`` statistics (TD loss, mean Q, mean target, penalty) after
     one gradient step of every run of ``online``.
 
     ``optimizer`` is a ``torch.optim.Adam`` over the stacked parameters that holds the state
     (created at once, so that interventions and checkpoints find it before the first step) in the
-    format ``torch.optim.Adam`` saves; the step calls the fused Adam kernel on it directly."""
+    format ``torch.optim.Adam`` saves; its parameters share one ``step`` tensor (they always take
+    the same steps), and the update steps them itself: eagerly with the fused Adam kernel, compiled
+    with ``adam_step``. Load a saved state with ``load_optimizer_state``."""
 
     def __init__(
         self,
@@ -178,65 +217,30 @@ class BatchedUpdate:
     ) -> None:
         self.online, self.penalty, self.gamma = online, penalty, gamma
         self.optimizer = torch.optim.Adam(online.params(), lr=lr, fused=True)
+        self._step_count = torch.zeros((), dtype=torch.float32, device=online.params()[0].device)
         for p in online.params():
             self.optimizer.state[p] = {
-                "step": torch.zeros((), dtype=torch.float32, device=p.device),
+                "step": self._step_count,
                 "exp_avg": torch.zeros_like(p),
                 "exp_avg_sq": torch.zeros_like(p),
             }
         self._use(compile)
 
+    def load_optimizer_state(self, state_dict: dict[str, Any]) -> None:
+        """``optimizer.load_state_dict``, the parameters' step tensors shared again afterwards."""
+        self.optimizer.load_state_dict(state_dict)
+        states = [self.optimizer.state[p] for p in self.online.params()]
+        self._step_count = states[0]["step"]
+        for s in states:
+            s["step"] = self._step_count
+
     def __call__(self, step: int, batch: Batch) -> torch.Tensor:
+        if batch.next_value is None:
+            raise ValueError("the update needs the next-state values of the batch (Batch.next_value)")
         params = self.online.params()
         active = self.penalty.active(step) if self.penalty.any else np.zeros(self.online.k, dtype=bool)
         mask = torch.from_numpy(active.astype(np.float32)).to(params[0].device)
-        with torch.no_grad():
-            try:
-                grads, stats, units = self._gradients(params, batch, active, mask)
-            except torch._dynamo.exc.BackendCompilerFailed as err:  # no working C++ compiler here
-                warnings.warn(f"torch.compile failed ({err}); the engine continues without it", stacklevel=2)
-                self._use(False)
-                grads, stats, units = self._gradients(params, batch, active, mask)
-            self.penalty.record(active, units)
-            group = self.optimizer.param_groups[0]
-            states = [self.optimizer.state[p] for p in params]
-            steps = [s["step"] for s in states]
-            torch._foreach_add_(steps, 1)
-            beta1, beta2 = group["betas"]
-            torch._fused_adam_(
-                params,
-                grads,
-                [s["exp_avg"] for s in states],
-                [s["exp_avg_sq"] for s in states],
-                [],
-                steps,
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                weight_decay=group["weight_decay"],
-                eps=group["eps"],
-                amsgrad=False,
-                maximize=False,
-            )
-        return torch.cat((stats, units.sum(dim=1, keepdim=True)), dim=1)
-
-    def _use(self, compile: bool) -> None:
-        """The step before Adam, compiled (in chunks of ``CHUNK_RUNS`` runs) or not."""
-        self._step: Callable[..., Any] = (
-            torch.compile(
-                over_chunks(td_gradients, run_chunks(self.online.k, CHUNK_RUNS)),
-                dynamic=False,
-                options=COMPILE_OPTIONS,
-            )
-            if compile
-            else td_gradients
-        )
-
-    def _gradients(
-        self, params: list[torch.Tensor], batch: Batch, active: np.ndarray, mask: torch.Tensor
-    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-        if batch.next_value is None:
-            raise ValueError("the update needs the next-state values of the batch (Batch.next_value)")
+        runs = self.penalty.singular_runs(active)
         args = (
             params,
             self.penalty.init,
@@ -250,17 +254,74 @@ class BatchedUpdate:
             mask,
             self.penalty.singular_coefs,
         )
-        runs = self.penalty.singular_runs(active)
-        if any(runs):
-            try:
-                grads, stats, units, feature_units = self._step(*args, runs=runs)
-                failed = not bool(torch.isfinite(feature_units).all())
-            except RuntimeError as err:  # LAPACK's failure (a compiled graph raises it as RuntimeError)
-                if isinstance(err, torch._dynamo.exc.TorchDynamoException):
-                    raise
-                failed = True
-            if failed:  # redo the step eagerly with the library's fallbacks (and NaN for a diverged run)
-                grads, stats, units, feature_units = td_gradients(*args, runs=runs, robust=True)
-        else:
-            grads, stats, units, feature_units = self._step(*args, runs=runs)
-        return grads, stats, torch.cat((units, feature_units), dim=1)
+        with torch.no_grad():
+            out = None
+            if self._compiled is not None:
+                try:
+                    out = self._compiled_step(args, runs)
+                except torch._dynamo.exc.BackendCompilerFailed as err:  # no working C++ compiler here
+                    warnings.warn(f"torch.compile failed ({err}); the engine continues without it", stacklevel=2)
+                    self._use(False)
+            if out is None:  # eager, or a compiled step that failed and changed nothing
+                grads, stats, units, feature_units = td_gradients(*args, runs=runs, robust=any(runs))
+                self._fused_adam(params, grads)
+                out = stats, torch.cat((units, feature_units), dim=1)
+            stats, units = out
+            self.penalty.record(active, units)
+        return torch.cat((stats, units.sum(dim=1, keepdim=True)), dim=1)
+
+    def _compiled_step(self, args: tuple[Any, ...], runs: Runs) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The compiled step (gradients and Adam), or None where its plain ``eigh`` failed or was
+        not finite (then it changed nothing)."""
+        params = args[0]
+        states = [self.optimizer.state[p] for p in params]
+        moments = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        assert self._compiled is not None
+        try:
+            stats, units, ok = self._compiled(*args, *moments, self._step_count, runs=runs)
+        except RuntimeError as err:  # LAPACK's failure (a compiled graph raises it as RuntimeError)
+            if isinstance(err, torch._dynamo.exc.TorchDynamoException):
+                raise
+            return None
+        return (stats, units) if ok is None or bool(ok) else None
+
+    def _fused_adam(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        """torch's fused Adam kernel on the stacked parameters (the eager step)."""
+        group = self.optimizer.param_groups[0]
+        states = [self.optimizer.state[p] for p in params]
+        self._step_count.add_(1)
+        beta1, beta2 = group["betas"]
+        torch._fused_adam_(
+            params,
+            grads,
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [],
+            [self._step_count] * len(params),
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            amsgrad=False,
+            maximize=False,
+        )
+
+    def _use(self, compile: bool) -> None:
+        """The compiled step (gradients in chunks of ``CHUNK_RUNS`` runs, then ``adam_step``), or
+        None: eager."""
+        if not compile:
+            self._compiled: Callable[..., Any] | None = None
+            return
+        gradients = over_chunks(td_gradients, run_chunks(self.online.k, CHUNK_RUNS))
+        group = self.optimizer.param_groups[0]
+        hyper = {"lr": group["lr"], "betas": tuple(group["betas"]), "eps": group["eps"]}
+
+        def train_step(*args: Any, runs: Runs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+            *inputs, exp_avgs, exp_avg_sqs, step = args
+            grads, stats, units, feature_units = gradients(*inputs, runs=runs)
+            ok = torch.isfinite(feature_units).all() if any(runs) else None
+            adam_step(inputs[0], grads, exp_avgs, exp_avg_sqs, step, ok=ok, **hyper)
+            return stats, torch.cat((units, feature_units), dim=1), ok
+
+        self._compiled = torch.compile(train_step, dynamic=False, options=COMPILE_OPTIONS)

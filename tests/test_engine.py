@@ -8,6 +8,7 @@ import json
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -350,29 +351,44 @@ def test_gram_extremes_against_numpy_with_dead_units_and_fallbacks() -> None:
     assert bool(value.isnan().all()) and not ext.any()
 
 
-def test_a_failed_eigendecomposition_redoes_the_step_eagerly(monkeypatch: pytest.MonkeyPatch) -> None:
-    """When the step's plain ``eigh`` raises (as a compiled graph raises LAPACK's failure), the
-    update redoes the step with the library's fallbacks: the same parameters as an undisturbed
-    update."""
+@pytest.mark.parametrize("failure", ["raises", "not finite"])
+def test_a_failed_eigendecomposition_redoes_the_step_eagerly(monkeypatch: pytest.MonkeyPatch, failure: str) -> None:
+    """When the compiled step's plain ``eigh`` raises (as a compiled graph raises LAPACK's failure)
+    or gives non-finite values, the step changes nothing and is redone eagerly with the library's
+    fallbacks: the same statistics and parameters as an undisturbed eager update, to float32
+    rounding (the compiled kernels round differently)."""
+    import reference_agent.penalties as penalties
+
     results = []
     for fail in (False, True):
         args, penalty, _ = _step_args(len(PENALTIES), seed=11)
         nets = _nets([DQNConfig(hidden_sizes=(24, 24), seed=s) for s in range(len(PENALTIES))], 5, 3)
         online = StackedQ(nets)
-        update = BatchedUpdate(online, penalty, lr=1e-2, gamma=0.99)
-        if fail:
+        if fail and failure == "not finite":
+            plain = penalties._eigh_extremes
 
-            def failing(*a: object, runs: object, robust: bool = False) -> object:
+            def poisoned(phi: torch.Tensor, plain: Any = plain) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                value, extremes, keep = plain(phi)
+                return value * float("nan"), extremes, keep
+
+            monkeypatch.setattr(penalties, "_eigh_extremes", poisoned)
+        update = BatchedUpdate(online, penalty, lr=1e-2, gamma=0.99, compile=fail)
+        if fail and failure == "raises":
+
+            def failing(*a: object, runs: object) -> object:
                 raise RuntimeError("linalg.eigh: The algorithm failed to converge")
 
-            monkeypatch.setattr(update, "_step", failing)
+            monkeypatch.setattr(update, "_compiled", failing)
         obs, actions, rewards, next_value, terminated = args[2:7]
         batch = Batch(obs, actions, rewards, torch.zeros_like(obs), terminated, next_value)
         stats = update(4, batch)
-        results.append((stats, [p.clone() for p in online.params()]))
+        results.append((stats, [p.clone() for p in online.params()], update.optimizer.state_dict()))
     torch.testing.assert_close(results[0][0], results[1][0])
     for a, b in zip(results[0][1], results[1][1], strict=True):
         torch.testing.assert_close(a, b)
+    for a, b in zip(results[0][2]["state"].values(), results[1][2]["state"].values(), strict=True):
+        assert float(a["step"]) == float(b["step"]) == 1.0  # the failed step did not count
+        torch.testing.assert_close(a["exp_avg"], b["exp_avg"])
 
 
 @pytest.mark.parametrize("capacity", [0, 700])  # 700 < 1,500 steps: the buffer wraps around
