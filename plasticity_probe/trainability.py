@@ -20,7 +20,7 @@ were. Deterministic for a seed.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,7 +62,7 @@ def _call(model: nn.Module, batch: Any, forward: Callable[[nn.Module, Any], torc
     return out
 
 
-def _fusable(params: list[torch.Tensor]) -> bool:
+def _fusable(params: Sequence[torch.Tensor]) -> bool:
     """Whether torch's fused Adam kernel takes ``params`` (floating point, on the CPU or one CUDA
     device type): one kernel per step instead of about ten small ops per tensor, the same
     formula (docs/performance.md)."""

@@ -101,6 +101,16 @@ class StackedQ:
             torch.stack([ls[i].bias.detach() for ls in linears]).to(device).contiguous() for i in range(self.n_layers)
         ]
         self.sizes = (int(self.weights[0].shape[2]), *(int(w.shape[1]) for w in self.weights))
+        # numpy views of the CPU parameters for ``q_values`` (the stacked tensors are only ever
+        # changed in place, so the views stay current): Wᵀ per layer, biases broadcast over rows
+        self._numpy = (
+            [
+                (w.numpy().transpose(0, 2, 1), b.numpy()[:, None, :])
+                for w, b in zip(self.weights, self.biases, strict=True)
+            ]
+            if self.weights[0].device.type == "cpu"
+            else None
+        )
 
     @property
     def k(self) -> int:
@@ -116,13 +126,13 @@ class StackedQ:
         rows per run at a time. On the CPU the products run in numpy on zero-copy views of the
         parameters (torch's per-op dispatch costs tens of µs at these sizes, numpy's a few:
         docs/performance.md); elsewhere through ``mlp_forward``."""
-        if self.weights[0].device.type != "cpu":
+        if self._numpy is None:
             with torch.inference_mode():
                 x_t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.weights[0].device)
                 return mlp_forward(self.params(), x_t)[-1].cpu().numpy()
         h = np.asarray(x, dtype=np.float32)
-        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
-            h = np.matmul(h, w.detach().numpy().transpose(0, 2, 1)) + b.detach().numpy()[:, None, :]
+        for i, (w_t, b) in enumerate(self._numpy):
+            h = np.matmul(h, w_t) + b
             if i < self.n_layers - 1:
                 np.maximum(h, 0.0, out=h)
         return h
