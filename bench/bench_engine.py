@@ -157,16 +157,19 @@ def _update_fns(k: int, sizes: tuple[int, ...], batch: int) -> dict[str, Callabl
 
 
 def bench_updates(ks: list[int]) -> None:
+    from reference_agent import heap
+
     torch.set_flush_denormal(True)  # as the engine does
     sizes = (8, 64, 64, 4)  # LunarLander, the paper's network
-    print("one update (TD loss, backward, fused Adam), LunarLander sizes 8-64-64-4, batch 512, µs per run")
-    fns = {k: _update_fns(k, sizes, 512) for k in ks}
-    names = list(fns[ks[0]])
-    print("| implementation | " + " | ".join(f"K = {k}" for k in ks) + " |")
-    print("|---|" + "---|" * len(ks))
-    for name in names:
-        cells = [f"{time_per_call(fns[k][name], max(5, 200 // k), warmup=5) / k * 1e6:,.0f}" for k in ks]
-        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+    print("one update (TD loss, backward, Adam), LunarLander sizes 8-64-64-4, batch 512, µs per run")
+    with heap.train_heap():  # the engine's heap settings (reference_agent/heap.py)
+        fns = {k: _update_fns(k, sizes, 512) for k in ks}
+        names = list(fns[ks[0]])
+        print("| implementation | " + " | ".join(f"K = {k}" for k in ks) + " |")
+        print("|---|" + "---|" * len(ks))
+        for name in names:
+            cells = [f"{time_per_call(fns[k][name], max(5, 200 // k), warmup=5) / k * 1e6:,.0f}" for k in ks]
+            print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 
 # ---- the paper's LunarLander batch: chunk sizes of the compiled step ---------------------------

@@ -133,6 +133,28 @@ def test_module_views_share_storage_with_the_stack() -> None:
     assert float(stack.weights[1][1].abs().sum()) == 0.0 and float(stack.weights[1][0].abs().sum()) > 0
 
 
+def test_q_values_match_each_runs_module_and_follow_in_place_changes() -> None:
+    """``StackedQ.q_values`` (numpy on the CPU) against each run's own ``QNetwork``, before and after
+    an in-place change of the stack (an Adam step, a target copy), on several rows per run."""
+    nets = _nets([DQNConfig(seed=s, hidden_sizes=(16, 8)) for s in range(3)], 5, 3)
+    stack = StackedQ(nets)
+    x = np.random.default_rng(0).standard_normal((3, 7, 5)).astype(np.float32)
+    on_gpu = StackedQ(nets)
+    on_gpu._numpy = None  # the path a GPU stack takes (torch), exercised on the CPU
+    for _ in range(2):
+        out = stack.q_values(x)
+        assert out.shape == (3, 7, 3) and out.dtype == np.float32
+        for k in range(3):
+            with torch.no_grad():
+                expected = stack.module(k)(torch.from_numpy(x[k])).numpy()
+            np.testing.assert_allclose(out[k], expected, rtol=1e-5, atol=1e-6)
+        on_gpu.copy_from(stack)
+        np.testing.assert_allclose(on_gpu.q_values(x), out, rtol=1e-5, atol=1e-6)
+        with torch.no_grad():
+            for p in stack.params():
+                p.add_(torch.randn_like(p))
+
+
 def _records(run: Path, kind: str) -> list[dict]:
     return [r for r in rundir.read_jsonl(run / "metrics.jsonl") if r["kind"] == kind]
 
