@@ -160,6 +160,14 @@ def td_gradients(
     return grads, stats, units, feature_units
 
 
+def summary(stats: torch.Tensor, units: torch.Tensor, feature_units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The update's statistics ``(K, 4)`` (TD loss, mean Q, mean target, penalty) and every
+    penalty term ``(K, n_params + n_layers)`` (``StackedPenalty.record``), from ``td_gradients``'
+    statistics, parameter penalties and singular penalties."""
+    terms = torch.cat((units, feature_units), dim=1)
+    return torch.cat((stats, terms.sum(dim=1, keepdim=True)), dim=1), terms
+
+
 def adam_step(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
@@ -217,29 +225,42 @@ class BatchedUpdate:
     ) -> None:
         self.online, self.penalty, self.gamma = online, penalty, gamma
         self.optimizer = torch.optim.Adam(online.params(), lr=lr, fused=True)
-        self._step_count = torch.zeros((), dtype=torch.float32, device=online.params()[0].device)
+        device = online.params()[0].device
+        self._step_count = torch.zeros((), dtype=torch.float32, device=device)
         for p in online.params():
             self.optimizer.state[p] = {
                 "step": self._step_count,
                 "exp_avg": torch.zeros_like(p),
                 "exp_avg_sq": torch.zeros_like(p),
             }
+        self._link_state()
+        self._idle = np.zeros(online.k, dtype=bool), torch.zeros(online.k, device=device)
         self._use(compile)
 
     def load_optimizer_state(self, state_dict: dict[str, Any]) -> None:
         """``optimizer.load_state_dict``, the parameters' step tensors shared again afterwards."""
         self.optimizer.load_state_dict(state_dict)
+        self._step_count = self.optimizer.state[self.online.params()[0]]["step"]
+        self._link_state()
+
+    def _link_state(self) -> None:
+        """One ``step`` tensor for all parameters, and the moments' lists the steps pass to Adam
+        (the tensors are only ever changed in place, except by ``load_optimizer_state``)."""
         states = [self.optimizer.state[p] for p in self.online.params()]
-        self._step_count = states[0]["step"]
         for s in states:
             s["step"] = self._step_count
+        self._exp_avgs = [s["exp_avg"] for s in states]
+        self._exp_avg_sqs = [s["exp_avg_sq"] for s in states]
 
     def __call__(self, step: int, batch: Batch) -> torch.Tensor:
         if batch.next_value is None:
             raise ValueError("the update needs the next-state values of the batch (Batch.next_value)")
         params = self.online.params()
-        active = self.penalty.active(step) if self.penalty.any else np.zeros(self.online.k, dtype=bool)
-        mask = torch.from_numpy(active.astype(np.float32)).to(params[0].device)
+        if self.penalty.any:
+            active = self.penalty.active(step)
+            mask = torch.from_numpy(active.astype(np.float32)).to(params[0].device)
+        else:
+            active, mask = self._idle
         runs = self.penalty.singular_runs(active)
         args = (
             params,
@@ -265,20 +286,17 @@ class BatchedUpdate:
             if out is None:  # eager, or a compiled step that failed and changed nothing
                 grads, stats, units, feature_units = td_gradients(*args, runs=runs, robust=any(runs))
                 self._fused_adam(params, grads)
-                out = stats, torch.cat((units, feature_units), dim=1)
+                out = summary(stats, units, feature_units)
             stats, units = out
             self.penalty.record(active, units)
-        return torch.cat((stats, units.sum(dim=1, keepdim=True)), dim=1)
+        return stats
 
     def _compiled_step(self, args: tuple[Any, ...], runs: Runs) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The compiled step (gradients and Adam), or None where its plain ``eigh`` failed or was
         not finite (then it changed nothing)."""
-        params = args[0]
-        states = [self.optimizer.state[p] for p in params]
-        moments = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
         assert self._compiled is not None
         try:
-            stats, units, ok = self._compiled(*args, *moments, self._step_count, runs=runs)
+            stats, units, ok = self._compiled(*args, self._exp_avgs, self._exp_avg_sqs, self._step_count, runs=runs)
         except RuntimeError as err:  # LAPACK's failure (a compiled graph raises it as RuntimeError)
             if isinstance(err, torch._dynamo.exc.TorchDynamoException):
                 raise
@@ -288,14 +306,13 @@ class BatchedUpdate:
     def _fused_adam(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         """torch's fused Adam kernel on the stacked parameters (the eager step)."""
         group = self.optimizer.param_groups[0]
-        states = [self.optimizer.state[p] for p in params]
         self._step_count.add_(1)
         beta1, beta2 = group["betas"]
         torch._fused_adam_(
             params,
             grads,
-            [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states],
+            self._exp_avgs,
+            self._exp_avg_sqs,
             [],
             [self._step_count] * len(params),
             lr=group["lr"],
@@ -322,6 +339,6 @@ class BatchedUpdate:
             grads, stats, units, feature_units = gradients(*inputs, runs=runs)
             ok = torch.isfinite(feature_units).all() if any(runs) else None
             adam_step(inputs[0], grads, exp_avgs, exp_avg_sqs, step, ok=ok, **hyper)
-            return stats, torch.cat((units, feature_units), dim=1), ok
+            return (*summary(stats, units, feature_units), ok)
 
         self._compiled = torch.compile(train_step, dynamic=False, options=COMPILE_OPTIONS)
