@@ -131,10 +131,11 @@ class StackedQ:
                 x_t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.weights[0].device)
                 return mlp_forward(self.params(), x_t)[-1].cpu().numpy()
         h = np.asarray(x, dtype=np.float32)
-        for i, (w_t, b) in enumerate(self._numpy):
-            h = np.matmul(h, w_t) + b
-            if i < self.n_layers - 1:
-                np.maximum(h, 0.0, out=h)
+        with np.errstate(over="ignore", invalid="ignore"):  # a diverging run: inf/NaN, as torch gives them
+            for i, (w_t, b) in enumerate(self._numpy):
+                h = np.matmul(h, w_t) + b
+                if i < self.n_layers - 1:
+                    np.maximum(h, 0.0, out=h)
         return h
 
     def copy_from(self, other: StackedQ) -> None:

@@ -56,6 +56,12 @@ print(json.dumps({"killed": killed, "outcomes": {o.run: [o.state, o.message] for
 """
 
 
+def _driver_result(path: Path) -> dict:
+    """The driver's JSON line: Ray prints its own notices (a worker died…) on the driver's stdout,
+    before or after it."""
+    return json.loads(next(line for line in reversed(path.read_text().splitlines()) if line.startswith("{")))
+
+
 def test_a_sweep_on_a_local_ray_cluster_collects_and_resumes_killed_runs(tmp_path: Path) -> None:
     port = 6400 + os.getpid() % 500
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
@@ -92,9 +98,7 @@ def test_a_sweep_on_a_local_ray_cluster_collects_and_resumes_killed_runs(tmp_pat
     finally:
         shutil.rmtree(ray_dir, ignore_errors=True)
     assert proc.returncode == 0, (proc.stdout, proc.stderr[-3000:])
-    # the last line: Ray may print its own notices (a worker died…) on the driver's stdout
-    first = json.loads((tmp_path / "kill.json").read_text().strip().splitlines()[-1])
-    again = json.loads((tmp_path / "rerun.json").read_text().strip().splitlines()[-1])
+    first, again = (_driver_result(tmp_path / f"{mode}.json") for mode in ("kill", "rerun"))
     victim = next(n for n in first["outcomes"] if n.endswith("__s7"))
     assert first["killed"], first
     assert first["outcomes"][victim][0] == "failed" and "Ray task lost" in first["outcomes"][victim][1]
