@@ -63,9 +63,9 @@ def _call(model: nn.Module, batch: Any, forward: Callable[[nn.Module, Any], torc
 
 
 def _fusable(params: Sequence[torch.Tensor]) -> bool:
-    """Whether torch's fused Adam kernel takes ``params`` (floating point, on the CPU or one CUDA
-    device type): one kernel per step instead of about ten small ops per tensor, the same
-    formula (docs/performance.md)."""
+    """Whether torch's fused Adam kernel takes ``params`` (floating point, all on the CPU or all
+    on CUDA): one kernel per step instead of about ten small ops per tensor, the same formula
+    (docs/performance.md)."""
     return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params) and (
         len({p.device.type for p in params}) == 1
     )

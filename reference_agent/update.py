@@ -298,8 +298,8 @@ class BatchedUpdate:
         try:
             stats, units, ok = self._compiled(*args, self._exp_avgs, self._exp_avg_sqs, self._step_count, runs=runs)
         except RuntimeError as err:  # LAPACK's failure (a compiled graph raises it as RuntimeError)
-            if isinstance(err, torch._dynamo.exc.TorchDynamoException):
-                raise
+            if not any(runs) or isinstance(err, torch._dynamo.exc.TorchDynamoException):
+                raise  # no eigh in this step's graph: the error is not LAPACK's
             return None
         return (stats, units) if ok is None or bool(ok) else None
 
@@ -325,8 +325,9 @@ class BatchedUpdate:
         )
 
     def _use(self, compile: bool) -> None:
-        """The compiled step (gradients in chunks of ``CHUNK_RUNS`` runs, then ``adam_step``), or
-        None: eager."""
+        """The compiled step (gradients in chunks of ``CHUNK_RUNS`` runs, then ``adam_step`` with
+        the optimizer's lr, betas and eps as constants of the graph: the engine never changes
+        them), or None: eager."""
         if not compile:
             self._compiled: Callable[..., Any] | None = None
             return
