@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from reference_agent.penalties import StackedPenalty, param_penalties, singular_terms
@@ -270,7 +271,6 @@ class BatchedUpdate:
             batch.rewards,
             batch.next_value,
             batch.terminated,
-            self.gamma,
             self.penalty.param_coefs,
             mask,
             self.penalty.singular_coefs,
@@ -280,11 +280,13 @@ class BatchedUpdate:
             if self._compiled is not None:
                 try:
                     out = self._compiled_step(args, runs)
-                except torch._dynamo.exc.BackendCompilerFailed as err:  # no working C++ compiler here
+                except torch._inductor.exc.InductorError as err:  # no working C++ compiler here
                     warnings.warn(f"torch.compile failed ({err}); the engine continues without it", stacklevel=2)
                     self._use(False)
             if out is None:  # eager, or a compiled step that failed and changed nothing
-                grads, stats, units, feature_units = td_gradients(*args, runs=runs, robust=any(runs))
+                grads, stats, units, feature_units = td_gradients(
+                    *args[:7], self.gamma, *args[7:], runs=runs, robust=any(runs)
+                )
                 self._fused_adam(params, grads)
                 out = summary(stats, units, feature_units)
             stats, units = out
@@ -296,12 +298,12 @@ class BatchedUpdate:
         not finite (then it changed nothing)."""
         assert self._compiled is not None
         try:
-            stats, units, ok = self._compiled(*args, self._exp_avgs, self._exp_avg_sqs, self._step_count, runs=runs)
+            stats, units, *ok = self._compiled(args, self._exp_avgs, self._exp_avg_sqs, self._step_count, runs)
         except RuntimeError as err:  # LAPACK's failure (a compiled graph raises it as RuntimeError)
-            if not any(runs) or isinstance(err, torch._dynamo.exc.TorchDynamoException):
+            if not any(runs) or isinstance(err, torch._inductor.exc.InductorError):
                 raise  # no eigh in this step's graph: the error is not LAPACK's
             return None
-        return (stats, units) if ok is None or bool(ok) else None
+        return (stats, units) if not ok or bool(ok[0]) else None
 
     def _fused_adam(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         """torch's fused Adam kernel on the stacked parameters (the eager step)."""
@@ -325,21 +327,115 @@ class BatchedUpdate:
         )
 
     def _use(self, compile: bool) -> None:
-        """The compiled step (gradients in chunks of ``CHUNK_RUNS`` runs, then ``adam_step`` with
-        the optimizer's lr, betas and eps as constants of the graph: the engine never changes
-        them), or None: eager."""
+        """The compiled step (``CompiledStep`` with the optimizer's lr, betas and eps, and γ, as
+        constants of the graph: the engine never changes them), or None: eager."""
         if not compile:
-            self._compiled: Callable[..., Any] | None = None
+            self._compiled: CompiledStep | None = None
             return
-        gradients = over_chunks(td_gradients, run_chunks(self.online.k, CHUNK_RUNS))
         group = self.optimizer.param_groups[0]
-        hyper = {"lr": group["lr"], "betas": tuple(group["betas"]), "eps": group["eps"]}
+        self._compiled = CompiledStep(
+            run_chunks(self.online.k, CHUNK_RUNS),
+            gamma=self.gamma,
+            lr=group["lr"],
+            betas=tuple(group["betas"]),
+            eps=group["eps"],
+        )
 
-        def train_step(*args: Any, runs: Runs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-            *inputs, exp_avgs, exp_avg_sqs, step = args
-            grads, stats, units, feature_units = gradients(*inputs, runs=runs)
+
+class CompiledStep:
+    """``td_gradients`` in chunks of runs (``over_chunks``), ``adam_step`` and ``summary`` as one
+    inductor-compiled graph per singular-penalty schedule ``runs``, called on its flat tensor
+    inputs: ``(args, exp_avgs, exp_avg_sqs, step, runs) -> (statistics (K, 4), terms[, ok])``,
+    ``args`` as ``td_gradients`` takes them without γ; ``ok`` (with an ``eigh`` in the graph): its
+    values were finite, else the step changed nothing.
+
+    Each schedule is traced once to an FX graph (``make_fx`` on fake tensors) and compiled by
+    ``torch._inductor.standalone_compile``, specialized to the inputs' shapes and strides, which
+    the compiled graph checks on every call (a mismatch raises). Later calls go straight to the
+    compiled graph, without ``torch.compile``'s per-call frame evaluation and guards: about 70 of
+    the 265 µs of an update at K = 1 (docs/performance.md). The engine's inputs fit: the stacked
+    parameters, moments and step count are the same tensors for the whole run, every minibatch has
+    the same shapes and layout. Inductor's CPU vector instruction sets are taken from the CPU's
+    flags (``cpp.vec_isa_ok``) instead of being probed by building and loading a test library in
+    ten subprocesses, about 1.1 s per process (a build that fails raises ``InductorError``, and
+    the engine goes on eagerly)."""
+
+    def __init__(
+        self,
+        bounds: tuple[tuple[int, int], ...],
+        *,
+        gamma: float,
+        lr: float,
+        betas: tuple[float, float],
+        eps: float,
+    ) -> None:
+        self._gradients = over_chunks(td_gradients, bounds)
+        self._gamma = gamma
+        self._hyper: dict[str, Any] = {"lr": lr, "betas": betas, "eps": eps}
+        self._graphs: dict[tuple[Runs, tuple[str, ...]], Callable[..., Any]] = {}
+
+    def __call__(
+        self,
+        args: tuple[Any, ...],
+        exp_avgs: list[torch.Tensor],
+        exp_avg_sqs: list[torch.Tensor],
+        step: torch.Tensor,
+        runs: Runs,
+    ) -> Sequence[torch.Tensor]:
+        params, init, obs, actions, rewards, next_value, terminated, coefs, mask, singular_coefs = args
+        flat = [
+            *params,
+            *init,
+            obs,
+            actions,
+            rewards,
+            next_value,
+            terminated,
+            *coefs.values(),
+            mask,
+            singular_coefs,
+            *exp_avgs,
+            *exp_avg_sqs,
+            step,
+        ]
+        key = (runs, tuple(coefs))
+        graph = self._graphs.get(key)
+        if graph is None:
+            graph = self._graphs[key] = self._compile(flat, len(params), key[1], runs)
+        return graph(*flat)
+
+    def _compile(self, flat: list[torch.Tensor], n: int, kinds: tuple[str, ...], runs: Runs) -> Callable[..., Any]:
+        """The compiled graph of one schedule (``n`` parameter tensors, the parameter-penalty
+        kinds ``kinds``) for inputs like ``flat``."""
+
+        def train_step(*flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            params, init = list(flat[:n]), list(flat[n : 2 * n])
+            obs, actions, rewards, next_value, terminated = flat[2 * n : 2 * n + 5]
+            i = 2 * n + 5 + len(kinds)
+            coefs = dict(zip(kinds, flat[2 * n + 5 : i], strict=True))
+            mask, singular_coefs = flat[i], flat[i + 1]
+            exp_avgs, exp_avg_sqs, step = list(flat[i + 2 : i + 2 + n]), list(flat[i + 2 + n : i + 2 + 2 * n]), flat[-1]
+            grads, stats, units, feature_units = self._gradients(
+                params,
+                init,
+                obs,
+                actions,
+                rewards,
+                next_value,
+                terminated,
+                self._gamma,
+                coefs,
+                mask,
+                singular_coefs,
+                runs=runs,
+            )
             ok = torch.isfinite(feature_units).all() if any(runs) else None
-            adam_step(inputs[0], grads, exp_avgs, exp_avg_sqs, step, ok=ok, **hyper)
-            return (*summary(stats, units, feature_units), ok)
+            adam_step(params, grads, exp_avgs, exp_avg_sqs, step, ok=ok, **self._hyper)
+            out = summary(stats, units, feature_units)
+            return out if ok is None else (*out, ok)
 
-        self._compiled = torch.compile(train_step, dynamic=False, options=COMPILE_OPTIONS)
+        graph = make_fx(train_step, tracing_mode="fake")(*flat)
+        options = {"config_patches": {**COMPILE_OPTIONS, "cpp.vec_isa_ok": True}}
+        return torch._inductor.standalone_compile(
+            graph, list[Any](flat), dynamic_shapes="from_example_inputs", options=options
+        )

@@ -397,7 +397,7 @@ def test_a_failed_eigendecomposition_redoes_the_step_eagerly(monkeypatch: pytest
         update = BatchedUpdate(online, penalty, lr=1e-2, gamma=0.99, compile=fail)
         if fail and failure == "raises":
 
-            def failing(*a: object, runs: object) -> object:
+            def failing(*a: object) -> object:
                 raise RuntimeError("linalg.eigh: The algorithm failed to converge")
 
             monkeypatch.setattr(update, "_compiled", failing)
