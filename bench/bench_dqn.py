@@ -9,7 +9,7 @@ clipping (same cost as MSE); our agent's periodic evaluation and probing are pus
 
     python -m bench.bench_dqn [--steps 30000] [--learning-starts 5000] [--env CartPole-v1]
 
-Ours twice: with the eager update and through ``torch.compile`` (``EngineOptions.compile``; its
+Ours twice: with the eager update and compiled by inductor (``EngineOptions.compile``; its
 one-off compilation counts in the time, as it does in a user's run).
 """
 

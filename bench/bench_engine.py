@@ -96,7 +96,7 @@ def _update_fns(k: int, sizes: tuple[int, ...], batch: int) -> dict[str, Callabl
     nval = torch.randn(k, batch, generator=g)  # max_a' Q_target(s', a'), which the replay buffer holds
     nets = [QNetwork(sizes[0], sizes[-1], sizes[1:-1]) for _ in range(k)]
 
-    # (a) hand-derived backward: the engine's update, eager and through torch.compile
+    # (a) hand-derived backward: the engine's update, eager and compiled (update.CompiledStep)
     from reference_agent.config import DQNConfig
     from reference_agent.penalties import StackedPenalty
     from reference_agent.replay import Batch

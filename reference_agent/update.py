@@ -10,11 +10,11 @@
 singular penalties (``singular_terms``: Gram matrices, ``eigh``, weights) and ``td_backward``
 (the gradients, the singular penalty's feature gradients and the parameter penalties). Eagerly,
 torch's fused Adam kernel follows. With ``compile=True`` the whole step, Adam included
-(``adam_step``, the same formula written out), runs through ``torch.compile``: inductor fuses the
-element-wise work, Adam's with the gradients', into a few C++ loops around the matrix products
-and LAPACK calls and runs them from a C++ wrapper. That costs a one-off compilation (cached on
-disk) and makes an update faster on the CPU (docs/performance.md); results agree with the eager
-step to float32 rounding (tests/test_engine.py). A compiled step works through the runs in chunks
+(``adam_step``, the same formula written out), is compiled by inductor (``CompiledStep``), which
+fuses the element-wise work, Adam's with the gradients', into a few C++ loops around the matrix
+products and LAPACK calls and runs them from a C++ wrapper. That costs a one-off compilation
+(cached on disk) and makes an update faster on the CPU (docs/performance.md); results agree with
+the eager step to float32 rounding (tests/test_engine.py). A compiled step works through the runs in chunks
 of ``CHUNK_RUNS`` (``over_chunks``), unrolled in one graph: a chunk's activations stay in the
 core's cache between the kernels that read them, where K runs' activations at once do not. A
 compiled step whose plain ``eigh`` fails (or gives non-finite values) changes nothing and is redone
@@ -281,7 +281,7 @@ class BatchedUpdate:
                 try:
                     out = self._compiled_step(args, runs)
                 except torch._inductor.exc.InductorError as err:  # no working C++ compiler here
-                    warnings.warn(f"torch.compile failed ({err}); the engine continues without it", stacklevel=2)
+                    warnings.warn(f"inductor failed ({err}); the engine continues without compiling", stacklevel=2)
                     self._use(False)
             if out is None:  # eager, or a compiled step that failed and changed nothing
                 grads, stats, units, feature_units = td_gradients(

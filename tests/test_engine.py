@@ -413,6 +413,36 @@ def test_a_failed_eigendecomposition_redoes_the_step_eagerly(monkeypatch: pytest
         torch.testing.assert_close(a["exp_avg"], b["exp_avg"])
 
 
+def test_without_a_working_cpp_compiler_the_update_warns_and_goes_on_eagerly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inductor cannot build the compiled step (no C++ compiler, no cached graph): the update warns
+    once, drops compilation and takes the same step as an eager update."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    results = []
+    for broken in (False, True):
+        args, penalty, _ = _step_args(len(PENALTIES), seed=12)
+        nets = _nets([DQNConfig(hidden_sizes=(24, 24), seed=s) for s in range(len(PENALTIES))], 5, 3)
+        online = StackedQ(nets)
+        update = BatchedUpdate(online, penalty, lr=1e-2, gamma=0.99, compile=broken)
+        obs, actions, rewards, next_value, terminated = args[2:7]
+        batch = Batch(obs, actions, rewards, torch.zeros_like(obs), terminated, next_value)
+        if broken:
+            with monkeypatch.context() as m:
+                m.setattr(inductor_config.cpp, "cxx", (None, "/nonexistent/c++"))
+                m.setattr(inductor_config, "fx_graph_cache", False)
+                m.setattr(functorch_config, "enable_autograd_cache", False)
+                with pytest.warns(UserWarning, match="continues without compiling"):
+                    stats = update(4, batch)
+            assert update._compiled is None
+        else:
+            stats = update(4, batch)
+        results.append((stats, [p.clone() for p in online.params()]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("capacity", [0, 700])  # 700 < 1,500 steps: the buffer wraps around
 def test_the_buffer_holds_each_transitions_value_under_the_current_target(tmp_path: Path, capacity: int) -> None:
     """At the end of a run (after target updates, with rows added since the last one) every row's
