@@ -40,7 +40,11 @@ def mlp_forward(params: Sequence[torch.Tensor], x: torch.Tensor) -> list[torch.T
     h = x
     n_layers = len(params) // 2
     for i in range(n_layers):
-        h = torch.baddbmm(params[2 * i + 1].unsqueeze(1), h, params[2 * i].transpose(1, 2))
+        w, b = params[2 * i], params[2 * i + 1]
+        if w.shape[1] < w.shape[2]:  # fewer outputs than inputs: MKL is faster on (W hᵀ)ᵀ
+            h = torch.baddbmm(b.unsqueeze(2), w, h.transpose(1, 2)).transpose(1, 2)
+        else:
+            h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
         if i < n_layers - 1:
             h = h.relu()
         features.append(h)
@@ -76,7 +80,11 @@ def mlp_backward(
     g = grad_q if extra is None else add_rows(grad_q, extra)
     for i in range(n_layers - 1, -1, -1):
         below = features[i - 1] if i > 0 else inputs
-        grads[2 * i] = torch.bmm(g.transpose(1, 2), below)
+        if below.shape[2] < g.shape[2]:  # fewer inputs than outputs: MKL is faster on (belowᵀ g)ᵀ
+            # (contiguous, in the parameter's layout: torch's fused Adam kernel needs it)
+            grads[2 * i] = torch.bmm(below.transpose(1, 2), g).transpose(1, 2).contiguous()
+        else:
+            grads[2 * i] = torch.bmm(g.transpose(1, 2), below)
         grads[2 * i + 1] = g.sum(dim=1)
         if i == 0:
             break
