@@ -43,6 +43,25 @@ def test_replay_buffer_add_sample_and_wraparound() -> None:
         StackedReplay(1, 2, 1).sample([np.random.default_rng(0)], 1)
 
 
+def test_replay_gather_on_the_cpu_equals_torchs_gather() -> None:
+    """The CPU buffer gathers through numpy (``_rows_np``); other devices through torch's
+    ``index_select``: the same fields, values, dtypes and memory layout (the compiled update is
+    specialized to the layout)."""
+    buf = StackedReplay(3, 50, 4)
+    rng = np.random.default_rng(0)
+    for _ in range(60):  # wraps around
+        obs = rng.normal(size=(3, 4)).astype(np.float32)
+        buf.add(obs, rng.integers(0, 5, 3), rng.normal(size=3), obs * 2, rng.random(3) < 0.3)
+    buf.set_next_values(0, torch.randn(3, 50))
+    idx = rng.integers(0, buf.size, (3, 64))
+    via_numpy = buf.gather(idx)
+    buf._rows_np = None  # the path of other devices
+    via_torch = buf.gather(idx)
+    for name in (*via_torch.as_dict(), "next_value"):
+        a, b = getattr(via_numpy, name), getattr(via_torch, name)
+        assert torch.equal(a, b) and a.dtype == b.dtype and a.stride() == b.stride(), name
+
+
 def test_replay_buffer_state_roundtrip() -> None:
     buf = StackedReplay(2, 4, 1)
     for i in range(6):
