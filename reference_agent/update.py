@@ -271,6 +271,7 @@ class BatchedUpdate:
             batch.rewards,
             batch.next_value,
             batch.terminated,
+            self.gamma,
             self.penalty.param_coefs,
             mask,
             self.penalty.singular_coefs,
@@ -284,9 +285,7 @@ class BatchedUpdate:
                     warnings.warn(f"inductor failed ({err}); the engine continues without compiling", stacklevel=2)
                     self._use(False)
             if out is None:  # eager, or a compiled step that failed and changed nothing
-                grads, stats, units, feature_units = td_gradients(
-                    *args[:7], self.gamma, *args[7:], runs=runs, robust=any(runs)
-                )
+                grads, stats, units, feature_units = td_gradients(*args, runs=runs, robust=any(runs))
                 self._fused_adam(params, grads)
                 out = summary(stats, units, feature_units)
             stats, units = out
@@ -327,15 +326,14 @@ class BatchedUpdate:
         )
 
     def _use(self, compile: bool) -> None:
-        """The compiled step (``CompiledStep`` with the optimizer's lr, betas and eps, and γ, as
-        constants of the graph: the engine never changes them), or None: eager."""
+        """The compiled step (``CompiledStep`` with the optimizer's lr, betas and eps as constants
+        of the graph: the engine never changes them), or None: eager."""
         if not compile:
             self._compiled: CompiledStep | None = None
             return
         group = self.optimizer.param_groups[0]
         self._compiled = CompiledStep(
             run_chunks(self.online.k, CHUNK_RUNS),
-            gamma=self.gamma,
             lr=group["lr"],
             betas=tuple(group["betas"]),
             eps=group["eps"],
@@ -344,10 +342,10 @@ class BatchedUpdate:
 
 class CompiledStep:
     """``td_gradients`` in chunks of runs (``over_chunks``), ``adam_step`` and ``summary`` as one
-    inductor-compiled graph per singular-penalty schedule ``runs``, called on its flat tensor
-    inputs: ``(args, exp_avgs, exp_avg_sqs, step, runs) -> (statistics (K, 4), terms[, ok])``,
-    ``args`` as ``td_gradients`` takes them without γ; ``ok`` (with an ``eigh`` in the graph): its
-    values were finite, else the step changed nothing.
+    inductor-compiled graph per singular-penalty schedule ``runs`` (and γ and parameter-penalty
+    kinds), called on its flat tensor inputs: ``(args, exp_avgs, exp_avg_sqs, step, runs) ->
+    (statistics (K, 4), terms[, ok])``, ``args`` as ``td_gradients`` takes them; ``ok`` (with an
+    ``eigh`` in the graph): its values were finite, else the step changed nothing.
 
     Each schedule is traced once to an FX graph (``make_fx`` on fake tensors) and compiled by
     ``torch._inductor.standalone_compile``, specialized to the inputs' shapes and strides, which
@@ -361,18 +359,11 @@ class CompiledStep:
     the engine goes on eagerly)."""
 
     def __init__(
-        self,
-        bounds: tuple[tuple[int, int], ...],
-        *,
-        gamma: float,
-        lr: float,
-        betas: tuple[float, float],
-        eps: float,
+        self, bounds: tuple[tuple[int, int], ...], *, lr: float, betas: tuple[float, float], eps: float
     ) -> None:
         self._gradients = over_chunks(td_gradients, bounds)
-        self._gamma = gamma
         self._hyper: dict[str, Any] = {"lr": lr, "betas": betas, "eps": eps}
-        self._graphs: dict[tuple[Runs, tuple[str, ...]], Callable[..., Any]] = {}
+        self._graphs: dict[tuple[Runs, float, tuple[str, ...]], Callable[..., Any]] = {}
 
     def __call__(
         self,
@@ -382,7 +373,9 @@ class CompiledStep:
         step: torch.Tensor,
         runs: Runs,
     ) -> Sequence[torch.Tensor]:
-        params, init, obs, actions, rewards, next_value, terminated, coefs, mask, singular_coefs = args
+        params, init, obs, actions, rewards, next_value, terminated, gamma, coefs, mask, singular_coefs = args
+        # the tensors of (args, exp_avgs, exp_avg_sqs, step) in pytree order, listed by hand
+        # (``_compile`` checks the order): a tree_flatten of them costs about 27 µs per call
         flat = [
             *params,
             *init,
@@ -398,39 +391,31 @@ class CompiledStep:
             *exp_avg_sqs,
             step,
         ]
-        key = (runs, tuple(coefs))
+        key = (runs, gamma, tuple(coefs))
         graph = self._graphs.get(key)
         if graph is None:
-            graph = self._graphs[key] = self._compile(flat, len(params), key[1], runs)
+            graph = self._graphs[key] = self._compile((args, exp_avgs, exp_avg_sqs, step), flat, runs)
         return graph(*flat)
 
-    def _compile(self, flat: list[torch.Tensor], n: int, kinds: tuple[str, ...], runs: Runs) -> Callable[..., Any]:
-        """The compiled graph of one schedule (``n`` parameter tensors, the parameter-penalty
-        kinds ``kinds``) for inputs like ``flat``."""
+    def _compile(self, inputs: Any, flat: list[torch.Tensor], runs: Runs) -> Callable[..., Any]:
+        """The compiled graph of one schedule for ``inputs`` (``(args, exp_avgs, exp_avg_sqs,
+        step)``), called with ``flat``, their tensors; their other leaves (γ) are constants."""
+        leaves, spec = tree_flatten(inputs)
+        at = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+        if len(at) != len(flat) or any(leaves[i] is not t for i, t in zip(at, flat, strict=True)):
+            # a bug, not LAPACK's failure: not a RuntimeError, which the update would take for one
+            raise AssertionError("CompiledStep: the flat inputs do not follow the inputs' pytree order")
 
-        def train_step(*flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            params, init = list(flat[:n]), list(flat[n : 2 * n])
-            obs, actions, rewards, next_value, terminated = flat[2 * n : 2 * n + 5]
-            i = 2 * n + 5 + len(kinds)
-            coefs = dict(zip(kinds, flat[2 * n + 5 : i], strict=True))
-            mask, singular_coefs = flat[i], flat[i + 1]
-            exp_avgs, exp_avg_sqs, step = list(flat[i + 2 : i + 2 + n]), list(flat[i + 2 + n : i + 2 + 2 * n]), flat[-1]
-            grads, stats, units, feature_units = self._gradients(
-                params,
-                init,
-                obs,
-                actions,
-                rewards,
-                next_value,
-                terminated,
-                self._gamma,
-                coefs,
-                mask,
-                singular_coefs,
-                runs=runs,
-            )
+        constants = [None if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]  # γ
+
+        def train_step(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            values = list(constants)
+            for i, t in zip(at, tensors, strict=True):
+                values[i] = t
+            args, exp_avgs, exp_avg_sqs, step = tree_unflatten(values, spec)
+            grads, stats, units, feature_units = self._gradients(*args, runs=runs)
             ok = torch.isfinite(feature_units).all() if any(runs) else None
-            adam_step(params, grads, exp_avgs, exp_avg_sqs, step, ok=ok, **self._hyper)
+            adam_step(args[0], grads, exp_avgs, exp_avg_sqs, step, ok=ok, **self._hyper)
             out = summary(stats, units, feature_units)
             return out if ok is None else (*out, ok)
 
