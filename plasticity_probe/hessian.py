@@ -250,11 +250,15 @@ class HessianSpectrum:
         )
 
     def as_metrics(self, prefix: str = "hessian_") -> dict[str, float]:
+        """The report's Hessian rows; ``converged`` is 1.0 where the extremes met ``tol`` (always
+        with the dense eigendecomposition), 0.0 where Lanczos stopped at ``max_iter``, and NaN
+        like every other value where the Hessian is undefined."""
         return {
             f"{prefix}lambda_max": self.lambda_max,
             f"{prefix}lambda_min": self.lambda_min,
             f"{prefix}condition_number": math.nan if self.condition_number is None else self.condition_number,
             f"{prefix}trace": self.trace,
+            f"{prefix}converged": math.nan if self.definiteness.startswith("undefined") else float(self.converged),
         }
 
 

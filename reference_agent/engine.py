@@ -25,6 +25,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -108,6 +109,9 @@ class EngineOptions:
 
 VALUE_CHUNK = 4096
 """Rows per forward pass when the buffer's next-state values are recomputed."""
+
+UNCONVERGED = "the TD-loss Hessian's extremes did not converge (Lanczos stopped at max_iter products)"
+"""The run's warning, once, in place of ``hessian_spectrum``'s ``RuntimeWarning`` for every probe."""
 
 COMPILE_MIN_UPDATES = 20_000
 """With ``EngineOptions.compile=None``, batches of ≥ 20k gradient steps (runs × updates per run)
@@ -722,14 +726,18 @@ class _Engine:
             if not math.isfinite(probe_loss) or not all(bool(torch.isfinite(p).all()) for p in run.q.parameters()):
                 self._diverged(run, DivergenceError(f"TD loss became {probe_loss} by step {t} (before the Hessian)"))
                 return None
-        report = pp.Probe(run.q, probe_batch=pb.obs, init_state=run.init_state).measure(
-            loss_fn=lambda: td_loss(run.q, run.target, pb, cfg.gamma)[0],
-            gradients=True,
-            hessian=with_hessian,
-            hessian_kwargs={"trace_samples": 20, "seed": cfg.seed},
-            trainability=True,
-            trainability_kwargs={"seed": cfg.seed},
-        )
+        with warnings.catch_warnings():  # recorded instead: hessian_converged = 0, and once in the run's warnings
+            warnings.filterwarnings("ignore", "hessian_spectrum: Lanczos did not reach", RuntimeWarning)
+            report = pp.Probe(run.q, probe_batch=pb.obs, init_state=run.init_state).measure(
+                loss_fn=lambda: td_loss(run.q, run.target, pb, cfg.gamma)[0],
+                gradients=True,
+                hessian=with_hessian,
+                hessian_kwargs={"trace_samples": 20, "seed": cfg.seed},
+                trainability=True,
+                trainability_kwargs={"seed": cfg.seed},
+            )
+        if report.network.get("hessian_converged") == 0.0 and not any(w.startswith(UNCONVERGED) for w in run.warnings):
+            run.warnings.append(f"{UNCONVERGED} at step {t:,} (and where plasticity.jsonl has hessian_converged = 0)")
         if phase is None:
             run.plasticity.write(t, report, network="online")
         else:

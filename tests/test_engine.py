@@ -7,6 +7,8 @@ import itertools
 import json
 import os
 import signal
+import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from torch.utils._pytree import tree_flatten
 import plasticity_probe as pp
 from reference_agent import rundir
 from reference_agent.config import DQNConfig
-from reference_agent.engine import EngineOptions, RunState, batch_key, td_loss, train, train_batch
+from reference_agent.engine import UNCONVERGED, EngineOptions, RunState, batch_key, td_loss, train, train_batch
 from reference_agent.network import QNetwork
 from reference_agent.penalties import StackedPenalty
 from reference_agent.replay import Batch
@@ -187,6 +189,30 @@ def test_a_run_alone_equals_the_same_run_inside_a_batch(tmp_path: Path) -> None:
             assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-6), (ra["step"], key)
     assert _records(tmp_path / "alone", "train_episode")[:5] == _records(tmp_path / "b1", "train_episode")[:5]
     assert _records(tmp_path / "b0", "update")[0]["loss"] != a[0]["loss"]  # the other runs are other runs
+
+
+def test_an_unconverged_hessian_is_recorded_in_the_run_not_warned_at_every_probe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real Lanczos given 5 products (no dense path): each such report has
+    ``hessian_converged`` = 0 in plasticity.jsonl, the run's result names it once, and no
+    ``RuntimeWarning`` without the run's name reaches the terminal."""
+    import plasticity_probe.probe as probe_module
+
+    short = partial(probe_module.hessian_spectrum, max_iter=5, basis_size=5, dense_threshold=0)
+    monkeypatch.setattr(probe_module, "hessian_spectrum", short)
+    cfg = tiny_config(total_steps=600, learning_starts=200, probe_every=200, hessian_every=200)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train(cfg, tmp_path / "run")
+    assert result.state == "finished"
+    assert not [w for w in caught if "Lanczos did not reach" in str(w.message)]
+    rows = [json.loads(line) for line in (tmp_path / "run" / rundir.PLASTICITY).read_text().splitlines()]
+    converged = {r["step"]: r["value"] for r in rows if r["metric"] == "hessian_converged"}
+    assert converged == {200: 0.0, 400: 0.0, 600: 0.0}
+    assert [w for w in result.warnings if w.startswith(UNCONVERGED)] == [
+        f"{UNCONVERGED} at step 200 (and where plasticity.jsonl has hessian_converged = 0)"
+    ]
 
 
 @pytest.mark.parametrize("compile", [False, True])

@@ -137,6 +137,25 @@ def test_bad_input() -> None:
         pp.hessian_spectrum(lambda: w.sum(), [torch.ones(2)])
 
 
+def test_converged_is_a_report_row_zero_where_lanczos_stops_at_max_iter() -> None:
+    """``hessian_converged``: 1 for the dense path and for Lanczos within ``tol`` (the quadratic
+    above), 0 where Lanczos stops at ``max_iter`` (5 products for a spread spectrum of 400), with
+    the library's ``RuntimeWarning``."""
+    rng = np.random.default_rng(1)
+    d = 400
+    qmat, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    a = torch.tensor(qmat @ np.diag(np.linspace(-1.0, 1.0, d)) @ qmat.T)
+    x = torch.zeros(d, dtype=torch.float64, requires_grad=True)
+    with pytest.warns(RuntimeWarning, match="Lanczos did not reach"):
+        short = pp.hessian_spectrum(lambda: 0.5 * x @ a @ x, [x], max_iter=5, basis_size=5, trace_samples=0)
+    assert not short.converged and short.as_metrics()["hessian_converged"] == 0.0
+    full = pp.hessian_spectrum(lambda: 0.5 * x @ a @ x, [x], trace_samples=0)
+    assert full.converged and full.as_metrics()["hessian_converged"] == 1.0
+    q, loss_fn, _ = dqn_setup(0)
+    report = pp.Probe(q, probe_batch=torch.randn(16, 4, dtype=torch.float64)).measure(loss_fn=loss_fn, hessian=True)  # type: ignore[arg-type]
+    assert report.network["hessian_converged"] == 1.0  # dense: n ≤ dense_threshold
+
+
 def test_probe_adds_network_and_layer_curvature() -> None:
     q, loss_fn, _ = dqn_setup(0)
     probe = pp.Probe(q, probe_batch=torch.randn(16, 4, dtype=torch.float64))
