@@ -292,6 +292,9 @@ def sweep(
             )
         except sw.SweepInterrupted as stop:
             outcomes, interrupted = stop.outcomes, True
+    for o in outcomes:
+        for text in o.warnings:
+            warn(f"{o.run}: {text}")
     failed = [o for o in outcomes if o.state != "finished"]
     for o in failed:
         console.print(Text.assemble((o.run, "red"), f": {o.state}: {o.message}"), highlight=False)

@@ -98,6 +98,26 @@ def test_train_resume_and_sweep_with_progress_bars(tmp_path: Path) -> None:
     assert "1/1 runs finished" in swept.output
 
 
+def test_a_sweep_prints_and_records_what_its_runs_warned(tmp_path: Path) -> None:
+    """A run's warnings reach the sweep's terminal, with the run's name, and ``sweep.json``: here
+    a stale temporary file in a run directory (a process killed while writing), removed when the
+    sweep's worker process starts the run."""
+    from reference_agent.experiments.sweep import expand_grid, load_grid_file
+
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps(TINY_GRID))
+    out = tmp_path / "s"
+    name = expand_grid(load_grid_file(grid), seeds=1)[0].run_name
+    (out / name).mkdir(parents=True)
+    (out / name / ".metrics.jsonl.tmp").write_text('{"step": 1')
+    swept = runner.invoke(app, ["sweep", "--grid", str(grid), "--seeds", "1", "--workers", "1", "--out", str(out)])
+    assert swept.exit_code == 0, swept.output
+    text = "removed .metrics.jsonl.tmp, left by a process killed while writing"
+    assert f"warning: {name}: {text}" in " ".join(swept.output.split())
+    assert json.loads((out / "sweep.json").read_text())["outcomes"][name]["warnings"] == [text]
+    assert not (out / name / ".metrics.jsonl.tmp").exists()
+
+
 def test_deliberate_errors_print_one_line() -> None:
     result = runner.invoke(app, ["train", "--resume", "/no/such/run"])
     assert result.exit_code == 2

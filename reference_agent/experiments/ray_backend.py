@@ -27,9 +27,11 @@ def _ray() -> Any:
     return ray
 
 
-def _train_task(configs: list[dict[str, Any]], run_dirs: list[str], device: str) -> list[tuple[str, str, str]]:
+def _train_task(
+    configs: list[dict[str, Any]], run_dirs: list[str], device: str
+) -> list[tuple[str, str, str, list[str]]]:
     """The body of a Ray task: one batch, outcomes as plain tuples."""
-    return [(o.run, o.state, o.message) for o in sweep.train_runs(configs, run_dirs, device)]
+    return [(o.run, o.state, o.message, o.warnings) for o in sweep.train_runs(configs, run_dirs, device)]
 
 
 def run_batches_on_ray(

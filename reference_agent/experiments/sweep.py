@@ -23,7 +23,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as connection_wait
@@ -273,8 +273,13 @@ def plan_batches(configs: list[DQNConfig], workers: int = 1, engine: str = "batc
 @dataclass
 class RunOutcome:
     run: str
+    """The run's name (its directory in the sweep)."""
     state: str
+    """``status.json``'s state at the end: finished, diverged, interrupted, failed."""
     message: str
+    """Why it ended so."""
+    warnings: list[str] = field(default_factory=list)
+    """What the run reported along the way (``RunResult.warnings``): ``probe sweep`` prints them."""
 
 
 PARENT_POLL_S = 1.0
@@ -296,7 +301,7 @@ def train_runs(configs: list[dict[str, Any]], run_dirs: list[str], device: str =
     cfgs = [DQNConfig.from_dict(c) for c in configs]
     try:
         results = train_batch(cfgs, [Path(d) for d in run_dirs], resume=True, options=EngineOptions(device=device))
-        return [RunOutcome(c.run_name, r.state, r.message) for c, r in zip(cfgs, results, strict=True)]
+        return [RunOutcome(c.run_name, r.state, r.message, r.warnings) for c, r in zip(cfgs, results, strict=True)]
     except Exception as err:  # recorded, the sweep goes on
         return [RunOutcome(c.run_name, "failed", f"{type(err).__name__}: {err}") for c in cfgs]
 
@@ -429,7 +434,9 @@ def _run_locked(
             sweep_file,
             {
                 "runs": [c.to_dict() for c in configs],
-                "outcomes": {n: {"state": o.state, "message": o.message} for n, o in outcomes.items()},
+                "outcomes": {
+                    n: {"state": o.state, "message": o.message, "warnings": o.warnings} for n, o in outcomes.items()
+                },
             },
         )
 
