@@ -2,7 +2,13 @@
 ``torch.nn.Module``. See ``docs/`` and DESIGN.md for the definitions."""
 
 from plasticity_probe.gradients import distance_from_init, grad_dormant_fraction, grad_norm, grad_to_weight_ratio
-from plasticity_probe.hessian import HessianSpectrum, SpectralDensity, frozen_closure_state, hessian_spectrum
+from plasticity_probe.hessian import (
+    ConvergenceWarning,
+    HessianSpectrum,
+    SpectralDensity,
+    frozen_closure_state,
+    hessian_spectrum,
+)
 from plasticity_probe.interventions import (
     InterventionSchedule,
     LayerReset,
@@ -42,6 +48,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Args",
+    "ConvergenceWarning",
     "CsvSink",
     "GroupRecord",
     "HessianSpectrum",

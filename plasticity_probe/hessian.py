@@ -63,6 +63,12 @@ Matvec = Callable[[torch.Tensor], torch.Tensor]
 _F64 = torch.float64
 
 
+class ConvergenceWarning(RuntimeWarning):
+    """Lanczos stopped at ``max_iter`` products before its extremes met ``tol``: they are the best
+    Ritz values found (``HessianSpectrum.converged`` is False, the report row ``hessian_converged``
+    0)."""
+
+
 class _NonFinite(Exception):
     """A Hessian-vector product returned NaN or Inf (internal; turned into a NaN spectrum)."""
 
@@ -651,7 +657,7 @@ def _spectrum(
                 warnings.warn(
                     f"hessian_spectrum: Lanczos did not reach tol={tol} in {max_iter} products; "
                     "raise max_iter for tighter extremes",
-                    RuntimeWarning,
+                    ConvergenceWarning,
                     stacklevel=4,
                 )
             if trace_samples > 0 and trace_method == "hutchinson":

@@ -111,7 +111,7 @@ VALUE_CHUNK = 4096
 """Rows per forward pass when the buffer's next-state values are recomputed."""
 
 UNCONVERGED = "the TD-loss Hessian's extremes did not converge (Lanczos stopped at max_iter products)"
-"""The run's warning, once, in place of ``hessian_spectrum``'s ``RuntimeWarning`` for every probe."""
+"""The run's warning, once, in place of ``hessian_spectrum``'s ``ConvergenceWarning`` at every probe."""
 
 COMPILE_MIN_UPDATES = 20_000
 """With ``EngineOptions.compile=None``, batches of ≥ 20k gradient steps (runs × updates per run)
@@ -727,7 +727,7 @@ class _Engine:
                 self._diverged(run, DivergenceError(f"TD loss became {probe_loss} by step {t} (before the Hessian)"))
                 return None
         with warnings.catch_warnings():  # recorded instead: hessian_converged = 0, and once in the run's warnings
-            warnings.filterwarnings("ignore", "hessian_spectrum: Lanczos did not reach", RuntimeWarning)
+            warnings.simplefilter("ignore", pp.ConvergenceWarning)
             report = pp.Probe(run.q, probe_batch=pb.obs, init_state=run.init_state).measure(
                 loss_fn=lambda: td_loss(run.q, run.target, pb, cfg.gamma)[0],
                 gradients=True,

@@ -196,7 +196,7 @@ def test_an_unconverged_hessian_is_recorded_in_the_run_not_warned_at_every_probe
 ) -> None:
     """The real Lanczos given 5 products (no dense path): each such report has
     ``hessian_converged`` = 0 in plasticity.jsonl, the run's result names it once, and no
-    ``RuntimeWarning`` without the run's name reaches the terminal."""
+    ``ConvergenceWarning`` without the run's name reaches the terminal."""
     import plasticity_probe.probe as probe_module
 
     short = partial(probe_module.hessian_spectrum, max_iter=5, basis_size=5, dense_threshold=0)

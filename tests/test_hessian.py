@@ -140,13 +140,13 @@ def test_bad_input() -> None:
 def test_converged_is_a_report_row_zero_where_lanczos_stops_at_max_iter() -> None:
     """``hessian_converged``: 1 for the dense path and for Lanczos within ``tol`` (the quadratic
     above), 0 where Lanczos stops at ``max_iter`` (5 products for a spread spectrum of 400), with
-    the library's ``RuntimeWarning``."""
+    the library's ``ConvergenceWarning`` (a ``RuntimeWarning``)."""
     rng = np.random.default_rng(1)
     d = 400
     qmat, _ = np.linalg.qr(rng.standard_normal((d, d)))
     a = torch.tensor(qmat @ np.diag(np.linspace(-1.0, 1.0, d)) @ qmat.T)
     x = torch.zeros(d, dtype=torch.float64, requires_grad=True)
-    with pytest.warns(RuntimeWarning, match="Lanczos did not reach"):
+    with pytest.warns(pp.ConvergenceWarning, match="Lanczos did not reach"):
         short = pp.hessian_spectrum(lambda: 0.5 * x @ a @ x, [x], max_iter=5, basis_size=5, trace_samples=0)
     assert not short.converged and short.as_metrics()["hessian_converged"] == 0.0
     full = pp.hessian_spectrum(lambda: 0.5 * x @ a @ x, [x], trace_samples=0)
