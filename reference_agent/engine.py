@@ -105,6 +105,11 @@ class EngineOptions:
     """Compile the update with inductor (``BatchedUpdate``, ``update.CompiledStep``); None: on the CPU for batches of
     at least ``COMPILE_MIN_UPDATES`` gradient steps over all their runs, where the one-off
     compilation pays off."""
+    stop_signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
+    """Signals that stop the batch after the current step: every run checkpointed and
+    ``interrupted``. A sweep's worker stops on SIGTERM alone (``sweep._run_batch``): the sweep
+    process sends it on Ctrl-C, and the terminal's SIGINT, which reaches the whole process group,
+    stays ignored, so every run of the sweep ends the same way."""
 
 
 VALUE_CHUNK = 4096
@@ -213,8 +218,9 @@ def package_versions() -> dict[str, str]:
 
 
 @contextmanager
-def stop_on_signals() -> Iterator[dict[str, int | None]]:
-    """Turn SIGINT/SIGTERM into a flag the loop checks (main thread only)."""
+def stop_on_signals(signals: Sequence[signal.Signals]) -> Iterator[dict[str, int | None]]:
+    """Turn ``signals`` into a flag the loop checks (main thread only); the others keep their
+    handlers."""
     flag: dict[str, int | None] = {"signal": None}
     if threading.current_thread() is not threading.main_thread():
         yield flag
@@ -223,7 +229,7 @@ def stop_on_signals() -> Iterator[dict[str, int | None]]:
     def handler(signum: int, _frame: Any) -> None:
         flag["signal"] = signum
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, handler) for s in signals}
     try:
         yield flag
     finally:
@@ -363,7 +369,7 @@ class _Engine:
     """One batch of runs at the same step: set-up in ``__init__``, the algorithm in ``run``."""
 
     def __init__(self, prepared: list[_Prepared], progress: ProgressFn | None, options: EngineOptions) -> None:
-        self.progress, self.hooks = progress, list(options.hooks)
+        self.progress, self.hooks, self.stop_signals = progress, list(options.hooks), options.stop_signals
         self.device = torch.device(options.device)
         self.cfgs = cfgs = [p.cfg for p in prepared]
         cfg = self.cfg = cfgs[0]  # the shared settings
@@ -491,7 +497,7 @@ class _Engine:
         # zero while the batch trains (restored afterwards; the process-wide default is off)
         torch.set_flush_denormal(True)
         try:
-            with stop_on_signals() as stop, heap.train_heap():
+            with stop_on_signals(self.stop_signals) as stop, heap.train_heap():
                 while self.step < cfg.total_steps and any(r.training for r in self.runs):
                     # ---- act ε-greedily in every run's environment, store the transitions -------
                     actions = self._act()

@@ -165,6 +165,8 @@ def test_ctrl_c_on_a_sweep_stops_workers_without_tracebacks(tmp_path: Path) -> N
     assert proc.returncode == 130, (out, err)
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     assert all(status(r)["state"] == "interrupted" for r in runs)
+    # the workers ignore the terminal's SIGINT and stop on the sweep's SIGTERM: the same stop for all
+    assert all(status(r)["message"].startswith("stopped by SIGTERM at step") for r in runs), [status(r) for r in runs]
     assert "rerun the same command to resume" in out
 
 

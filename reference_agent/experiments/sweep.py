@@ -294,13 +294,20 @@ def _watch_parent(parent: int) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def train_runs(configs: list[dict[str, Any]], run_dirs: list[str], device: str = "cpu") -> list[RunOutcome]:
-    """Train or resume one batch (``engine.train_batch``); errors become ``failed`` outcomes."""
+def train_runs(
+    configs: list[dict[str, Any]],
+    run_dirs: list[str],
+    device: str = "cpu",
+    stop_signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM),
+) -> list[RunOutcome]:
+    """Train or resume one batch (``engine.train_batch``); errors become ``failed`` outcomes.
+    ``stop_signals``: ``EngineOptions.stop_signals``."""
     from reference_agent.engine import EngineOptions, train_batch
 
     cfgs = [DQNConfig.from_dict(c) for c in configs]
+    options = EngineOptions(device=device, stop_signals=stop_signals)
     try:
-        results = train_batch(cfgs, [Path(d) for d in run_dirs], resume=True, options=EngineOptions(device=device))
+        results = train_batch(cfgs, [Path(d) for d in run_dirs], resume=True, options=options)
         return [RunOutcome(c.run_name, r.state, r.message, r.warnings) for c, r in zip(cfgs, results, strict=True)]
     except Exception as err:  # recorded, the sweep goes on
         return [RunOutcome(c.run_name, "failed", f"{type(err).__name__}: {err}") for c in cfgs]
@@ -310,11 +317,12 @@ def _run_batch(
     configs: list[dict[str, Any]], run_dirs: list[str], device: str, parent: int, results: Connection
 ) -> None:
     """Worker process: train one batch and send its outcomes. Ctrl-C in the terminal reaches the
-    whole process group: the worker ignores SIGINT and the sweep process stops it with SIGTERM
-    instead (one orderly stop, no tracebacks)."""
+    whole process group: the worker ignores SIGINT, also while it trains, and the sweep process
+    stops it with SIGTERM instead (one orderly stop, no tracebacks, every run ``stopped by
+    SIGTERM``)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
-    outcomes = train_runs(configs, run_dirs, device)
+    outcomes = train_runs(configs, run_dirs, device, stop_signals=(signal.SIGTERM,))
     with contextlib.suppress(OSError):  # the sweep process is gone; the run directories hold the outcomes
         results.send(outcomes)
 
