@@ -3,13 +3,15 @@ another in the same process, the batched-update implementations compared, and th
 limit (FLOPs of the paper preset, measured matmul throughput).
 
     python -m bench.bench_engine runs [--k 8 25] [--env CartPole-v1] [--steps 4000] [--compile]
+                                      [--penalties none l2 l2init singular]
     python -m bench.bench_engine updates [--k 1 8 25]
     python -m bench.bench_engine chunks [--chunk 1 2 4 19]
     python -m bench.bench_engine limit
 
 ``runs``: wall time of whole runs, environments, evaluation, probing and checkpoints included
 (learning starts and τ scaled to the run length; evaluation every 5,000 steps, probes every 5,000
-and the Hessian every 10,000 as in the paper presets), one torch thread.
+and the Hessian every 10,000 as in the paper presets), one torch thread; the runs' penalties
+cycle through ``--penalties`` (default: none, l2, l2init, singular).
 The sequential and batched measurements alternate (``--rounds``) so that a shared machine's
 load falls on both; the ratio is of the medians.
 """
@@ -32,17 +34,17 @@ from torch.func import functional_call, vmap
 from bench.common import one_thread, time_per_call
 
 
-def _configs(env_id: str, k: int, steps: int) -> list:
+def _configs(env_id: str, k: int, steps: int, penalties: list[str]) -> list:
     from reference_agent.config import DQNConfig, Reg
-    from reference_agent.experiments.sweep import scale_steps
+    from reference_agent.experiments.sweep import paper_lam, scale_steps
 
-    regs = [Reg.none, Reg.l2, Reg.l2init, Reg.singular]
+    regs = [Reg(p) for p in penalties]
     base = [
         DQNConfig(
             env_id=env_id,
             seed=i,
-            reg=regs[i % 4],
-            lam=0.001 if regs[i % 4] is Reg.singular else 0.01,
+            reg=regs[i % len(regs)],
+            lam=paper_lam(regs[i % len(regs)]),
             hessian_every=10_000,  # as the presets
         )
         for i in range(k)
@@ -52,19 +54,19 @@ def _configs(env_id: str, k: int, steps: int) -> list:
     return [scale_steps(c, steps, keep=("eval_every", "probe_every", "hessian_every")) for c in base]
 
 
-def bench_runs(env_id: str, ks: list[int], steps: int, rounds: int, compile: bool | None) -> None:
+def bench_runs(env_id: str, ks: list[int], steps: int, rounds: int, compile: bool | None, penalties: list[str]) -> None:
     from reference_agent.engine import EngineOptions, train, train_batch
 
     options = EngineOptions(compile=compile)
 
     print(
         f"{env_id}, {steps} steps per run (learning starts, τ scaled; evaluation, probes, Hessian at the paper's "
-        "intervals), penalties none/l2/l2init/singular in turn"
+        f"intervals), penalties {'/'.join(penalties)} in turn"
     )
     print("| K | sequential µs/run-step | batched µs/run-step | ratio |")
     print("|---|---|---|---|")
     for k in ks:
-        cfgs = _configs(env_id, k, steps)
+        cfgs = _configs(env_id, k, steps, penalties)
         seq, bat = [], []
         for _ in range(rounds):
             out = Path(tempfile.mkdtemp())
@@ -266,6 +268,7 @@ def main() -> None:
     parser.add_argument("--env", default="CartPole-v1")
     parser.add_argument("--steps", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--penalties", nargs="+", default=["none", "l2", "l2init", "singular"])
     parser.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
@@ -275,7 +278,7 @@ def main() -> None:
     args = parser.parse_args()
     one_thread()
     if args.part == "runs":
-        bench_runs(args.env, args.k or [8, 25], args.steps, args.rounds, args.compile)
+        bench_runs(args.env, args.k or [8, 25], args.steps, args.rounds, args.compile, args.penalties)
     elif args.part == "updates":
         bench_updates(args.k or [1, 8, 25])
     elif args.part == "chunks":

@@ -46,7 +46,8 @@ def setup(net: str) -> tuple[nn.Module, Callable[[], torch.Tensor], tuple[torch.
         from reference_agent.network import QNetwork
 
         q: nn.Module = QNetwork(OBS_DIM, N_ACTIONS)
-        shape, n_act, batch = (OBS_DIM,), N_ACTIONS, BATCH
+        shape: tuple[int, ...] = (OBS_DIM,)
+        n_act, batch = N_ACTIONS, BATCH
     else:
         q, shape, n_act, batch = nature_cnn(), (4, 84, 84), 6, 32
     target = copy.deepcopy(q)

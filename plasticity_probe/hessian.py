@@ -298,8 +298,8 @@ class HessianOperator:
     ``finite`` is False (and ``why`` says which) when the loss or its gradient holds NaN or Inf.
     """
 
-    def __init__(self, loss_fn: Callable[[], torch.Tensor], params: list[torch.Tensor]) -> None:
-        self.params = params
+    def __init__(self, loss_fn: Callable[[], torch.Tensor], params: Sequence[torch.Tensor]) -> None:
+        self.params = list(params)
         self.n = sum(p.numel() for p in params)
         self.n_hvp = 0
         with torch.enable_grad():
