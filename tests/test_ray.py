@@ -34,25 +34,37 @@ from pathlib import Path
 from reference_agent.config import DQNConfig
 from reference_agent.experiments import sweep
 
-out, address, kill = Path(sys.argv[1]), sys.argv[2], sys.argv[3] == "kill"
+out, address, mode = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 tiny = json.loads(sys.argv[4])
-victim = DQNConfig(**{**tiny, "total_steps": 4000, "checkpoint_every": 500, "seed": 7})
+long = mode in ("interrupt", "resume")  # the victim still trains when Ctrl-C comes
+victim = DQNConfig(**{**tiny, "total_steps": 40_000 if long else 4000, "checkpoint_every": 500, "seed": 7})
 others = [DQNConfig(**{**tiny, "total_steps": 600, "seed": s}) for s in (0, 1)]
 killed = []
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job starts with SIGINT ignored
 
 def progress(*_):
-    if kill and not killed and (out / victim.run_name / "checkpoint.pt").exists():
-        for pid in os.listdir("/proc"):
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-            except (OSError, ValueError):
-                continue
-            if pid.isdigit() and "probe-sweep:" + victim.run_name in cmd:
-                os.kill(int(pid), signal.SIGKILL)
-                killed.append(int(pid))
+    if mode not in ("kill", "interrupt") or killed or not (out / victim.run_name / "checkpoint.pt").exists():
+        return
+    if mode == "interrupt":  # Ctrl-C in the driver's terminal, once
+        killed.append(os.getpid())
+        os.kill(os.getpid(), signal.SIGINT)  # the KeyboardInterrupt is raised here
+        return
+    for pid in os.listdir("/proc"):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except (OSError, ValueError):
+            continue
+        if pid.isdigit() and "probe-sweep:" + victim.run_name in cmd:
+            os.kill(int(pid), signal.SIGKILL)
+            killed.append(int(pid))
 
-outcomes = sweep.run_sweep([victim, *others], out, backend="ray", address=address, progress=progress, poll_s=0.2)
-print(json.dumps({"killed": killed, "outcomes": {o.run: [o.state, o.message] for o in outcomes}}))
+try:
+    outcomes = sweep.run_sweep([victim, *others], out, backend="ray", address=address, progress=progress, poll_s=0.2)
+except sweep.SweepInterrupted as stop:
+    outcomes, mode = stop.outcomes, "interrupted"
+status = {o.run: json.loads((out / o.run / "status.json").read_text()) for o in outcomes}
+ends = {o.run: [o.state, o.message] for o in outcomes}
+print(json.dumps({"killed": killed, "mode": mode, "outcomes": ends, "status": status}))
 """
 
 
@@ -68,10 +80,10 @@ def test_a_sweep_on_a_local_ray_cluster_collects_and_resumes_killed_runs(tmp_pat
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     tiny = json.dumps({**TINY_RUN, "hidden_sizes": [8, 8], "batch_size": 16})
-    out = tmp_path / "sweep"
+    out, stopped = tmp_path / "sweep", tmp_path / "stopped"
     run = " ".join(
-        f"{sys.executable} {driver} {out} 127.0.0.1:{port} {mode} '{tiny}' > {tmp_path / mode}.json;"
-        for mode in ("kill", "rerun")
+        f"{sys.executable} {driver} {where} 127.0.0.1:{port} {mode} '{tiny}' > {tmp_path / mode}.json;"
+        for where, mode in ((out, "kill"), (out, "rerun"), (stopped, "interrupt"), (stopped, "resume"))
     )
     ray_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Unix socket paths must stay under 108 bytes
     # the cluster lives and dies with `ray start --block` (its own processes, stopped by its pid);
@@ -111,3 +123,15 @@ def test_a_sweep_on_a_local_ray_cluster_collects_and_resumes_killed_runs(tmp_pat
     assert steps == sorted(steps) and steps[0] < 500  # resumed: the records from before the kill are kept
     record = json.loads((out / "sweep.json").read_text())
     assert set(record["outcomes"]) == set(first["outcomes"])
+
+    # Ctrl-C in the driver cancels the tasks: the running run checkpoints and ends `interrupted`,
+    # and a rerun resumes it
+    interrupted, resumed = (_driver_result(tmp_path / f"{mode}.json") for mode in ("interrupt", "resume"))
+    assert interrupted["mode"] == "interrupted", interrupted
+    state, message = interrupted["outcomes"][victim]
+    assert state == "interrupted" and message.startswith("stopped by SIGINT"), interrupted
+    status = interrupted["status"][victim]
+    assert status["state"] == "interrupted" and 0 < status["step"] < 40_000, status
+    assert resumed["outcomes"][victim][0] == "finished" and resumed["status"][victim]["step"] == 40_000, resumed
+    steps = [json.loads(line)["step"] for line in (stopped / victim / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[0] < status["step"]  # resumed: the records from before Ctrl-C are kept
