@@ -39,6 +39,24 @@ class RegEvery(str, Enum):
     target = "target"
 
 
+_ENUMS: dict[str, type[Enum]] = {e.__name__: e for e in (Reg, RegEvery, Variant, InterventionKind)}
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string"}
+
+
+def _scalar(value: Any, kind: type) -> int | float | str | None:
+    """``value`` as ``kind`` (``int``: a whole-number float too; ``float``: an integer too), or
+    None when it is not one (a bool is neither an integer nor a number here)."""
+    if isinstance(value, bool):
+        return None
+    if kind is str:
+        return value if isinstance(value, str) else None
+    if kind is int:
+        if isinstance(value, int):
+            return value
+        return int(value) if isinstance(value, float) and value.is_integer() else None
+    return float(value) if isinstance(value, int | float) else None
+
+
 class ConfigError(ValueError):
     """Invalid settings: ``problems`` are ``(field, message)`` pairs; the message names the fields,
     or, through ``message(name)``, the user's names for them (``--steps`` for ``total_steps``).
@@ -132,12 +150,9 @@ class DQNConfig:
     """Free-form tags recorded in config.json (e.g. the sweep a run belongs to)."""
 
     def __post_init__(self) -> None:
-        self.reg = Reg(self.reg)
-        self.reg_every = RegEvery(self.reg_every)
-        self.reg_variant = Variant(self.reg_variant)
-        self.intervention = InterventionKind(self.intervention)
-        self.hidden_sizes = tuple(int(h) for h in self.hidden_sizes)
-        self.reg_layers = tuple(str(name) for name in self.reg_layers)
+        types = [(name, message) for name in TYPED if (message := self._coerce(name)) is not None]
+        if types:  # the value checks below need the types
+            raise ConfigError(types)
         problems: list[tuple[str, str]] = []
         for name in (
             "total_steps",
@@ -170,6 +185,30 @@ class DQNConfig:
             problems.append(("hidden_sizes", "must be positive widths"))
         if problems:
             raise ConfigError(problems)
+
+    def _coerce(self, name: str) -> str | None:
+        """Set field ``name`` to its type (``TYPED``), or return what is wrong with its value. An
+        integer field takes a float that is a whole number (JSON writes ``1e5`` as a float); a float
+        field takes an integer; nothing takes a bool but a bool field."""
+        value, kind = getattr(self, name), TYPED[name]
+        if isinstance(kind, type) and issubclass(kind, Enum):
+            try:
+                setattr(self, name, kind(value))
+            except ValueError:
+                return f"must be one of {', '.join(m.value for m in kind)}, not {value!r}"
+            return None
+        if kind in (int, float, str):
+            coerced = _scalar(value, kind)
+            if coerced is None:
+                return f"must be {_KIND_NAMES[kind]}, not {value!r}"
+            setattr(self, name, coerced)
+            return None
+        item = int if name == "hidden_sizes" else str
+        items = [_scalar(v, item) for v in value] if isinstance(value, list | tuple) else None
+        if items is None or any(v is None for v in items):
+            return f"must be a list of {'integers' if item is int else 'strings'}, not {value!r}"
+        setattr(self, name, tuple(items))
+        return None
 
     def warnings(self) -> list[tuple[str, str]]:
         """Settings that are valid but probably not meant: ``(field, message)`` pairs."""
@@ -225,6 +264,16 @@ class DQNConfig:
         if unknown:
             raise ValueError(f"unknown config field(s): {', '.join(sorted(unknown))}")
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def _field_type(annotation: str) -> type:
+    scalars: dict[str, type] = {"int": int, "float": float, "str": str}
+    return scalars.get(annotation) or _ENUMS.get(annotation) or tuple
+
+
+TYPED: dict[str, type] = {f.name: _field_type(str(f.type)) for f in dataclasses.fields(DQNConfig) if f.name != "extra"}
+"""Each field's type (``int``, ``float``, ``str``, an enum, or ``tuple`` for the tuples of
+``hidden_sizes`` and ``reg_layers``), checked and coerced by ``DQNConfig.__post_init__``."""
 
 
 def epsilon(step: int, cfg: DQNConfig) -> float:

@@ -315,7 +315,7 @@ def _prepare(cfg: DQNConfig | None, run_dir: Path, resume: bool) -> _Prepared:
             raise ValueError(f"config differs from the checkpoint's in {diff}; resume uses the saved config")
         cfg = saved
     elif resume and cfg is None and (run_dir / rundir.CONFIG).exists():
-        cfg = DQNConfig.from_dict(rundir.read_json(run_dir / rundir.CONFIG)["config"])
+        cfg = rundir.read_config(run_dir)
     elif not resume and ((run_dir / rundir.CONFIG).exists() or ckpt_path.exists()):
         raise RunExistsError(f"{run_dir} already holds a run; resume it or choose another output directory")
     if cfg is None:

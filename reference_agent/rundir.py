@@ -25,6 +25,8 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from reference_agent.config import DQNConfig
+
 CONFIG = "config.json"
 STATUS = "status.json"
 METRICS = "metrics.jsonl"
@@ -104,6 +106,18 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON ({err})") from None
+
+
+def read_config(run_dir: Path) -> DQNConfig:
+    """The run's ``config.json``; ``ValueError`` naming the file when it holds no valid config."""
+    path = run_dir / CONFIG
+    data = read_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+        raise ValueError(f"{path} holds no config")
+    try:
+        return DQNConfig.from_dict(data["config"])
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
 
 
 def _number(v: Any) -> bool:

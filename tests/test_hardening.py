@@ -487,3 +487,56 @@ def test_resume_of_a_directory_without_a_run_is_one_line_before_any_progress_bar
     assert result.exit_code == 2
     assert errors(result.output) == [f"error: --resume: {tmp_path} is not a run directory"]
     assert "train" not in result.output.replace(f"{tmp_path}", "")  # no progress bar was drawn
+
+
+@pytest.mark.parametrize(
+    ("grid", "expected"),
+    [
+        ({"total_steps": "abc"}, "total_steps must be an integer, not 'abc'"),
+        ({"total_steps": 1.5}, "total_steps must be an integer, not 1.5"),
+        ({"hidden_sizes": 8}, "hidden_sizes must be a list of integers, not 8"),
+        ({"hidden_sizes": [[8, "a"]]}, "hidden_sizes must be a list of integers, not [8, 'a']"),
+        ({"lam": ["x"]}, "lam must be a number, not 'x'"),
+        ({"seed": [True]}, "seed must be an integer, not True"),
+        ({"reg": "nope"}, "reg must be one of none, l2, l2init, singular, l1, not 'nope'"),
+        ({"env_id": 3}, "env_id must be a string, not 3"),
+    ],
+)
+def test_a_grid_value_of_the_wrong_type_is_one_line(tmp_path: Path, grid: dict[str, Any], expected: str) -> None:
+    path = tmp_path / "grid.json"
+    path.write_text(json.dumps(grid))
+    result = runner.invoke(app, ["sweep", "--grid", str(path), "--dry-run"])
+    assert result.exit_code == 2, result.output
+    assert errors(result.output) == [f"error: invalid config: {expected}"], result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_set_value_of_the_wrong_type_is_one_line() -> None:
+    result = runner.invoke(app, ["sweep", "--preset", "smoke", "--set", "total_steps=abc", "--dry-run"])
+    assert result.exit_code == 2, result.output
+    assert errors(result.output) == ["error: invalid config: total_steps must be an integer, not 'abc'"]
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("[]", "holds no config"),
+        ('{"config": []}', "holds no config"),
+        ('{"config": {"total_steps": "x"}}', "config.json: invalid config: total_steps must be an integer, not 'x'"),
+    ],
+)
+def test_resuming_a_run_whose_config_is_malformed_is_one_line(tmp_path: Path, content: str, expected: str) -> None:
+    (tmp_path / "config.json").write_text(content)
+    result = runner.invoke(app, ["train", "--resume", str(tmp_path), "-q"])
+    assert result.exit_code == 2, result.output
+    assert len(errors(result.output)) == 1 and expected in errors(result.output)[0], result.output
+    assert (tmp_path / "config.json").read_text() == content  # nothing overwritten
+
+
+def test_config_types_are_checked_and_json_numbers_coerced() -> None:
+    cfg = DQNConfig(total_steps=1e5, lam=1, hidden_sizes=[32, 16.0], reg="l2", reg_layers=["net.0"])
+    assert (cfg.total_steps, cfg.lam, cfg.hidden_sizes, cfg.reg_layers) == (100_000, 1.0, (32, 16), ("net.0",))
+    assert type(cfg.total_steps) is int and type(cfg.lam) is float and type(cfg.hidden_sizes[1]) is int
+    assert DQNConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="total_steps must be an integer, not True; lam must be a number, not None"):
+        DQNConfig(total_steps=True, lam=None)  # type: ignore[arg-type]

@@ -43,13 +43,7 @@ class Run:
 
 def load_run(path: Path) -> Run:
     """Read a run directory; malformed JSONL records are skipped and listed in ``problems``."""
-    data = rundir.read_json(path / rundir.CONFIG)
-    if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
-        raise ValueError(f"{path / rundir.CONFIG} holds no config")
-    try:
-        config = DQNConfig.from_dict(data["config"])
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"{path / rundir.CONFIG}: {err}") from None
+    config = rundir.read_config(path)
     metrics = rundir.read_jsonl(path / rundir.METRICS)
     plasticity = rundir.read_jsonl(path / rundir.PLASTICITY)
     interventions = rundir.read_jsonl(path / rundir.INTERVENTIONS)
