@@ -153,7 +153,21 @@ def valid_plasticity(r: dict[str, Any]) -> bool:
     )
 
 
-VALIDATORS: dict[str, Callable[[dict[str, Any]], bool]] = {METRICS: valid_metric, PLASTICITY: valid_plasticity}
+def valid_intervention(r: dict[str, Any]) -> bool:
+    """An ``interventions.jsonl`` record: integer step, string kind, integer unit counts."""
+    counts = (r.get("units"), r.get("units_reset"))
+    return (
+        _step(r)
+        and isinstance(r.get("kind"), str)
+        and all(isinstance(c, int) and not isinstance(c, bool) for c in counts)
+    )
+
+
+VALIDATORS: dict[str, Callable[[dict[str, Any]], bool]] = {
+    METRICS: valid_metric,
+    PLASTICITY: valid_plasticity,
+    INTERVENTIONS: valid_intervention,
+}
 
 
 @dataclass

@@ -524,7 +524,11 @@ def test_agent_redo_records_and_resume_is_exact(tmp_path: Path) -> None:
             os.kill(os.getpid(), signal.SIGINT)
 
     assert train(cfg, tmp_path / "cut", progress=interrupt).state == "interrupted"
-    assert train(None, tmp_path / "cut", resume=True).state == "finished"
+    with (tmp_path / "cut" / rundir.INTERVENTIONS).open("a") as f:  # hand edits: not records of the format
+        f.write('{}\n{"step": "x", "kind": "redo", "units": 1, "units_reset": 0}\n')
+    resumed = train(None, tmp_path / "cut", resume=True)
+    assert resumed.state == "finished"
+    assert any("interventions.jsonl: skipped 2 malformed record(s)" in w for w in resumed.warnings), resumed.warnings
     for name in (rundir.METRICS, rundir.PLASTICITY, rundir.INTERVENTIONS):
         assert (tmp_path / "full" / name).read_text() == (tmp_path / "cut" / name).read_text()
 
