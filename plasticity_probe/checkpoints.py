@@ -50,6 +50,7 @@ __all__ = [
     "content_digest",
     "load_checkpoint",
     "mlp_from_state_dict",
+    "safe_torch_load",
     "verify_digest",
     "weight_layers",
     "weight_report",
@@ -155,7 +156,9 @@ def _check_zip(archive: zipfile.ZipFile, what: str, max_bytes: int) -> None:
         )
 
 
-def _torch_load(source: Path | io.BytesIO, what: str) -> Any:
+def safe_torch_load(source: Path | io.BytesIO, what: str) -> Any:
+    """``torch.load(weights_only=True)`` on the CPU, its errors as one ``CheckpointError`` line
+    naming ``what``: refused when the file needs arbitrary unpickling, or truncated or corrupt."""
     try:
         if isinstance(source, Path):  # a file object: torch would pick a loader by the file name
             with source.open("rb") as f:
@@ -215,7 +218,7 @@ def _load_sb3(path: Path, archive: zipfile.ZipFile, max_bytes: int) -> LoadedChe
     with zipfile.ZipFile(policy_bytes) as inner:
         _check_zip(inner, f"{path}:policy.pth", max_bytes)
     policy_bytes.seek(0)
-    policy = _torch_load(policy_bytes, f"{path}:policy.pth")
+    policy = safe_torch_load(policy_bytes, f"{path}:policy.pth")
     _check_tensors(policy, f"{path}:policy.pth", max_bytes, [0])
     if not _is_state_dict(policy):
         raise CheckpointError(f"{path}: policy.pth is not a state dict")
@@ -289,7 +292,7 @@ def load_checkpoint(path: str | Path, *, max_bytes: int = MAX_BYTES) -> LoadedCh
                     raise CheckpointError(f"{path} is corrupt: member {bad} fails its CRC-32 check")
         except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as err:
             raise CheckpointError(f"{path} is a truncated or corrupt zip archive ({err})") from None
-        data = _torch_load(path, str(path))
+        data = safe_torch_load(path, str(path))
         _check_tensors(data, str(path), max_bytes, [0])
         loaded = _from_torch_object(path, data)
     elif _looks_like_safetensors(head, size):
@@ -297,7 +300,7 @@ def load_checkpoint(path: str | Path, *, max_bytes: int = MAX_BYTES) -> LoadedCh
     elif head[:1] == b"\x80":  # a legacy (non-zip) torch/pickle file
         if size > max_bytes:
             raise CheckpointError(f"{path}: {_size(size)} is more than the {_size(max_bytes)} limit")
-        data = _torch_load(path, str(path))
+        data = safe_torch_load(path, str(path))
         _check_tensors(data, str(path), max_bytes, [0])
         loaded = _from_torch_object(path, data)
     else:

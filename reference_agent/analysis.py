@@ -28,6 +28,7 @@ from plasticity_probe.checkpoints import (
     LoadedCheckpoint,
     load_checkpoint,
     mlp_from_state_dict,
+    safe_torch_load,
     weight_report,
 )
 from plasticity_probe.probe import DEFAULT_METRICS
@@ -67,8 +68,7 @@ def load_observations(path: Path) -> torch.Tensor:
             raise CheckpointError(f"--obs: {path} is not a plain .npy array ({err})") from None
         obs = torch.from_numpy(np.asarray(array, dtype=np.float32))
     elif path.suffix == ".pt":
-        with path.open("rb") as f:
-            data = torch.load(f, map_location="cpu", weights_only=True)
+        data = safe_torch_load(path, f"--obs {path}")
         found = data.get("obs") if isinstance(data, dict) else data
         if not isinstance(found, torch.Tensor):
             raise CheckpointError(f"--obs: {path} holds no tensor (or dict with 'obs')")

@@ -179,6 +179,47 @@ def test_malicious_pickles_are_refused_and_never_run(tmp_path: Path) -> None:
     assert not target.exists()
 
 
+def test_hostile_sb3_zips_and_obs_files_never_run_code(tmp_path: Path) -> None:
+    """A real SB3 save, then edited: its ``policy.pth`` replaced by a pickle that would run code
+    (refused), a ``:serialized:`` pickle added to its ``data`` (never decoded: the file loads),
+    and a ``--obs`` ``.pt`` file that would run code (refused)."""
+    sb3 = pytest.importorskip("stable_baselines3", reason="needs the sb3 extra")
+    import base64
+    import json
+    import zipfile
+
+    model = sb3.DQN("MlpPolicy", "CartPole-v1", learning_starts=10, policy_kwargs={"net_arch": [8]}, seed=0)
+    model.save(tmp_path / "real")
+    target = tmp_path / "pwned"
+
+    def edited(name: str, replace: dict[str, bytes]) -> Path:
+        out = tmp_path / f"{name}.zip"
+        with zipfile.ZipFile(tmp_path / "real.zip") as src, zipfile.ZipFile(out, "w") as dst:
+            for item in src.infolist():
+                dst.writestr(item.filename, replace.get(item.filename, src.read(item.filename)))
+        return out
+
+    evil_policy = tmp_path / "evil_policy.pth"
+    torch.save({"q_net.q_net.0.weight": Evil(str(target))}, evil_policy)
+    bad_policy = edited("bad_policy", {"policy.pth": evil_policy.read_bytes()})
+    result = runner.invoke(app, ["analyze", str(bad_policy)])
+    assert result.exit_code == 2 and "refused" in result.output, result.output
+
+    with zipfile.ZipFile(tmp_path / "real.zip") as src:
+        data = json.loads(src.read("data"))
+    pickled = base64.b64encode(pickle.dumps(Evil(str(target)), protocol=2)).decode()
+    data["hostile"] = {":type:": "<class 'object'>", ":serialized:": pickled}
+    with_pickle = edited("with_pickle", {"data": json.dumps(data).encode()})
+    loaded = load_checkpoint(with_pickle)
+    assert loaded.kind == "sb3" and "hostile" not in loaded.metadata
+
+    evil_obs = tmp_path / "obs.pt"
+    torch.save(Evil(str(target)), evil_obs)
+    result = runner.invoke(app, ["analyze", str(tmp_path / "real.zip"), "--obs", str(evil_obs)])
+    assert result.exit_code == 2 and "refused" in result.output, result.output
+    assert not target.exists()
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [
