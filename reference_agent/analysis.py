@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,11 +89,21 @@ def load_observations(path: Path) -> torch.Tensor:
 
 
 def load_factory(spec: str) -> nn.Module:
-    """``package.module:factory`` → ``factory()``, which must return an ``nn.Module``."""
+    """``package.module:factory`` → ``factory()``, which must return an ``nn.Module``. The module
+    is looked up in the current directory first, as ``python -m`` does (a console script's
+    ``sys.path`` does not hold it)."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"--model expects module:factory, got {spec!r}")
-    factory = getattr(importlib.import_module(module_name), attr, None)
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(
+            f"--model: cannot import {module_name!r} ({err}); run from its directory or set PYTHONPATH"
+        ) from None
+    factory = getattr(module, attr, None)
     if not callable(factory):
         raise ValueError(f"--model: {spec} is not a callable")
     try:

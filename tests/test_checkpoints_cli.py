@@ -333,3 +333,28 @@ def test_installed_executable(agent_ckpt: Path) -> None:
     assert bad.returncode == 2 and "no such file" in bad.stderr and "Traceback" not in bad.stderr
     good = subprocess.run([exe, "analyze", str(agent_ckpt), "--json"], capture_output=True, text=True, check=False)
     assert good.returncode == 0 and json.loads(good.stdout)["kind"] == "agent"
+
+
+def test_analyze_bad_input_list(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rest of docs/analyze.md's bad-input list through the CLI: one ``error:`` line, exit 2."""
+    model = mlp()
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    inf = {k: v.clone() for k, v in model.state_dict().items()}
+    inf["2.weight"][0, 0] = float("inf")
+    torch.save(inf, tmp_path / "inf.pt")
+    (tmp_path / "othernet.py").write_text(
+        "from torch import nn\ndef make():\n    return nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))\n"
+    )
+    monkeypatch.chdir(tmp_path)  # --model finds modules in the current directory, as python -m does
+    cases = [
+        (["analyze", str(tmp_path)], "is a directory"),
+        (["analyze", "inf.pt"], "holds NaN or Inf"),
+        (["analyze", "m.pt", "--model", "othernet:make"], "--model does not match network 'model'"),
+        (["analyze", "m.pt", "--model", "nosuchmodule:make"], "--model: cannot import 'nosuchmodule'"),
+        (["analyze", "m.pt", "--hessian"], "--hessian needs a loss"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, args)
+        lines = [line for line in result.output.splitlines() if line.startswith("error")]
+        assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], (args, result.output)
+        assert "Traceback" not in result.output
