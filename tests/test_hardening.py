@@ -540,3 +540,19 @@ def test_config_types_are_checked_and_json_numbers_coerced() -> None:
     assert DQNConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     with pytest.raises(ValueError, match="total_steps must be an integer, not True; lam must be a number, not None"):
         DQNConfig(total_steps=True, lam=None)  # type: ignore[arg-type]
+
+
+def test_a_second_sweep_into_a_locked_sweep_directory_is_refused(tmp_path: Path) -> None:
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps(TINY_GRID))
+    out_dir = tmp_path / "s"
+    out_dir.mkdir()
+    (out_dir / "sweep.json").write_text('{"written": "by the sweep holding the lock"}')
+    with rundir.lock(out_dir, "sweep directory"):  # a sweep in progress (an OS lock on its own descriptor)
+        result = runner.invoke(app, ["sweep", "--grid", str(grid), "--out", str(out_dir), "-q"])
+    assert result.exit_code == 2, result.output
+    assert errors(result.output) == [
+        f"error: {out_dir}: another process is writing this sweep directory (lock .lock held)"
+    ], result.output
+    assert (out_dir / "sweep.json").read_text() == '{"written": "by the sweep holding the lock"}'
+    assert sorted(p.name for p in out_dir.iterdir()) == [".lock", "sweep.json"]  # no run started
