@@ -104,6 +104,8 @@ def train(
     if resume is not None:  # checked before the progress bar starts: a wrong path gets one line
         if not resume.is_dir() or not any((resume / f).exists() for f in (rundir.CONFIG, rundir.CHECKPOINT)):
             raise fail(f"--resume: {resume} is not a run directory")
+        if (resume / rundir.CONFIG).exists():
+            rundir.read_config(resume)  # a malformed config.json: one line, before the bar too
         cfg, run_dir = None, resume
     else:
         cfg = config_from_options(config)

@@ -527,10 +527,11 @@ def test_a_set_value_of_the_wrong_type_is_one_line() -> None:
 )
 def test_resuming_a_run_whose_config_is_malformed_is_one_line(tmp_path: Path, content: str, expected: str) -> None:
     (tmp_path / "config.json").write_text(content)
-    result = runner.invoke(app, ["train", "--resume", str(tmp_path), "-q"])
+    result = runner.invoke(app, ["train", "--resume", str(tmp_path)])
     assert result.exit_code == 2, result.output
     assert len(errors(result.output)) == 1 and expected in errors(result.output)[0], result.output
     assert (tmp_path / "config.json").read_text() == content  # nothing overwritten
+    assert "train" not in result.output.replace(f"{tmp_path}", "")  # reported before any progress bar
 
 
 def test_config_types_are_checked_and_json_numbers_coerced() -> None:
@@ -556,3 +557,18 @@ def test_a_second_sweep_into_a_locked_sweep_directory_is_refused(tmp_path: Path)
     ], result.output
     assert (out_dir / "sweep.json").read_text() == '{"written": "by the sweep holding the lock"}'
     assert sorted(p.name for p in out_dir.iterdir()) == [".lock", "sweep.json"]  # no run started
+
+
+@pytest.mark.filterwarnings("ignore::plasticity_probe.NonFiniteWarning")
+def test_a_diverging_train_exits_2_and_keeps_its_last_good_checkpoint(tmp_path: Path) -> None:
+    args = [*TINY_ARGS, "--learning-rate", "1e30", "--gamma", "1", "--steps", "1200", "--checkpoint-every", "100"]
+    result = runner.invoke(app, ["train", *args, "--out", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert len(errors(result.output)) == 1 and "TD loss became" in errors(result.output)[0], result.output
+    run = next(tmp_path.iterdir())
+    assert status(run)["state"] == "diverged"
+    ckpt = load_agent_checkpoint(run / "checkpoint.pt")  # checksum verified
+    assert 0 < ckpt["step"] < 1200
+    for name in ("online", "target"):
+        assert all(bool(torch.isfinite(t).all()) for t in ckpt[name].values())
+    assert bool(torch.isfinite(ckpt["stats"]["sums"]).all())
