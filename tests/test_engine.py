@@ -237,6 +237,33 @@ def test_a_batch_resumes_all_its_runs_after_sigint(tmp_path: Path, compile: bool
             assert (tmp_path / f"full{i}" / name).read_text() == (dirs[i] / name).read_text()
 
 
+def test_a_batch_whose_checkpoints_are_at_different_steps_resumes_each_run(tmp_path: Path) -> None:
+    """Runs stopped at different steps (a crash while their checkpoints were written) resume as
+    separate batches, one after the other: each ends byte-identical to its uninterrupted run."""
+    cfgs = [tiny_config(reg="l2init"), tiny_config(seed=1)]
+    dirs = [tmp_path / "cut0", tmp_path / "cut1"]
+    for cfg, run_dir, stop in zip(cfgs, dirs, (400, 700), strict=True):
+        assert train(cfg, tmp_path / f"full_{run_dir.name}").state == "finished"
+
+        def interrupt(step: int, total: int, info: dict[str, float], stop: int = stop) -> None:
+            if step == stop:
+                os.kill(os.getpid(), signal.SIGINT)
+
+        assert (train(cfg, run_dir, progress=interrupt).state, status_step(run_dir)) == ("interrupted", stop)
+    seen: list[tuple[int, int]] = []
+    hooks = [lambda step, run: seen.append((step, run.index)) if step in (500, 800) else None]
+    resumed = train_batch([None, None], dirs, resume=True, options=EngineOptions(hooks=hooks))
+    assert [(r.state, r.step) for r in resumed] == [("finished", 1500)] * 2
+    assert seen == [(500, 0), (800, 0), (800, 0)]  # two batches of one run each (index 0 in each)
+    for run_dir in dirs:
+        for name in ("metrics.jsonl", "plasticity.jsonl"):
+            assert (tmp_path / f"full_{run_dir.name}" / name).read_text() == (run_dir / name).read_text()
+
+
+def status_step(run_dir: Path) -> int:
+    return int(json.loads((run_dir / "status.json").read_text())["step"])
+
+
 def test_batches_need_a_shared_shape_and_hooks_see_each_run(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="share"):
         train_batch([tiny_config(), tiny_config(seed=1, batch_size=16)], [tmp_path / "a", tmp_path / "b"])
