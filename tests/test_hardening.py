@@ -343,6 +343,30 @@ def test_a_killed_worker_fails_its_run_and_the_others_finish(tmp_path: Path) -> 
     assert status(tmp_path / victim.run_name)["state"] == "failed"
 
 
+def test_rerunning_a_sweep_resumes_a_killed_run_exactly(tmp_path: Path) -> None:
+    import multiprocessing
+
+    victim = tiny_config(total_steps=6000, learning_starts=100, batch_size=16, hidden_sizes=(8, 8), seed=7)
+    assert train(victim, tmp_path / "alone").state == "finished"  # the uninterrupted run
+    killed: list[int] = []
+
+    def progress(*_: int) -> None:
+        if not killed and (tmp_path / "s" / victim.run_name / "checkpoint.pt").exists():
+            child = next(p for p in multiprocessing.active_children() if p.name == victim.run_name)
+            assert child.pid is not None
+            os.kill(child.pid, signal.SIGKILL)
+            killed.append(child.pid)
+
+    first = sweep.run_sweep([victim], tmp_path / "s", progress=progress, poll_s=0.1)
+    assert killed and first[0].state == "failed", first
+    stopped_at = status(tmp_path / "s" / victim.run_name)["step"]
+    assert 0 < stopped_at < 6000
+    again = sweep.run_sweep([victim], tmp_path / "s", poll_s=0.1)
+    assert again[0].state == "finished", again
+    for name in (rundir.METRICS, rundir.PLASTICITY):
+        assert (tmp_path / "s" / victim.run_name / name).read_text() == (tmp_path / "alone" / name).read_text()
+
+
 def test_workers_stop_when_the_sweep_process_dies(tmp_path: Path) -> None:
     cfg = tiny_config(total_steps=200_000, learning_starts=100_000, hidden_sizes=(8, 8))
     script = (
