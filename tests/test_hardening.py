@@ -446,6 +446,32 @@ def test_a_full_disk_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert status(run)["state"] == "failed"
 
 
+def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real, writes = tempfile.mkstemp, []
+
+    def full_disk_from_the_second(*args: Any, **kwargs: Any) -> tuple[int, str]:
+        fd, name = real(*args, **kwargs)
+        if ".checkpoint.pt." in name:
+            writes.append(name)
+            if len(writes) > 1:
+                os.close(fd)
+                fd = os.open("/dev/full", os.O_WRONLY)
+        return fd, name
+
+    monkeypatch.setattr(rundir.tempfile, "mkstemp", full_disk_from_the_second)
+    result = runner.invoke(app, ["train", *TINY_ARGS, "--steps", "300", "--out", str(tmp_path), "-q"])
+    assert result.exit_code == 2 and len(writes) == 2, result.output
+    run = tmp_path / "CartPole-v1__none__s0"
+    assert load_agent_checkpoint(run / "checkpoint.pt")["step"] == 200  # the first, intact (checksum verified)
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.undo()
+    resumed = runner.invoke(app, ["train", "--resume", str(run), "-q"])
+    assert resumed.exit_code == 0, resumed.output
+    assert status(run)["state"] == "finished" and load_agent_checkpoint(run / "checkpoint.pt")["step"] == 300
+
+
 # ---- probe analyze on hostile files --------------------------------------------------------------
 def test_expanded_tensors_are_refused_before_materializing(tmp_path: Path) -> None:
     torch.save({"w.weight": torch.randn(1).expand(30000, 30000)}, tmp_path / "x.pt")
