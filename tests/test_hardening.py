@@ -170,6 +170,30 @@ def test_ctrl_c_on_a_sweep_stops_workers_without_tracebacks(tmp_path: Path) -> N
     assert "rerun the same command to resume" in out
 
 
+def test_ctrl_c_on_a_sweep_starts_no_queued_runs(tmp_path: Path) -> None:
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps({**TINY_GRID, "total_steps": 200_000, "learning_starts": 100_000, "seed": [0, 1, 2]}))
+    out_dir = tmp_path / "s"
+    proc = subprocess.Popen(
+        [PROBE, "sweep", "--grid", str(grid), "--engine", "process", "--workers", "1", "--out", str(out_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as a terminal gives it
+    )
+    runs = [out_dir / DQNConfig(**{**TINY_GRID, "hidden_sizes": (8, 8), "seed": s}).run_name for s in (0, 1, 2)]
+    wait_for(lambda: status(runs[0]).get("state") == "running")
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out, err)
+    assert status(runs[0])["state"] == "interrupted"
+    assert not any((r / "status.json").exists() for r in runs[1:])  # queued, never started
+    outcomes = json.loads((out_dir / "sweep.json").read_text())["outcomes"]
+    assert set(outcomes) == {runs[0].name}
+
+
 def test_claims_leave_out_runs_without_gradient_steps_and_mark_short_ones(tmp_path: Path) -> None:
     from test_sweep_plots import fake_sweep
 
