@@ -247,6 +247,8 @@ def sweep(
     from reference_agent.experiments import sweep as sw
 
     axes: dict[str, list[Any]] = {}
+    if address is not None and backend is not Backend.ray:
+        raise fail("--address is for --backend ray")
     if grid is not None:
         axes.update(sw.load_grid_file(grid))
     axes.update(sw.parse_sets(set_ or []))
@@ -263,8 +265,6 @@ def sweep(
         warn(text)
     out = out or Path("sweeps") / (preset.value if preset else "custom")
     say(f"{len(configs)} runs → {out}")
-    if address is not None and backend is not Backend.ray:
-        raise fail("--address is for --backend ray")
     if backend is not Backend.ray:
         device = _check_device(device)
     batches = sw.plan_batches(configs, workers, engine.value)

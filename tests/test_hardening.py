@@ -646,3 +646,35 @@ def test_a_diverging_train_exits_2_and_keeps_its_last_good_checkpoint(tmp_path: 
     for name in ("online", "target"):
         assert all(bool(torch.isfinite(t).all()) for t in ckpt[name].values())
     assert bool(torch.isfinite(ckpt["stats"]["sums"]).all())
+
+
+def test_address_without_the_ray_backend_is_one_line_before_anything_else() -> None:
+    result = runner.invoke(app, ["sweep", "--preset", "smoke", "--address", "127.0.0.1:6379", "--dry-run"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == ["error: --address is for --backend ray"]
+
+
+def test_sweep_warns_when_its_runs_would_never_learn() -> None:
+    result = runner.invoke(app, ["sweep", "--preset", "smoke", "--set", "learning_starts=6000", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if line.startswith("warning")]
+    assert warnings == [
+        "warning: --learning-starts 6,000 >= --steps 5,000: the run never takes a gradient step "
+        "(no learning, no plasticity reports)"
+    ], result.output
+
+
+def test_sigterm_on_train_checkpoints_and_exits_130(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [PROBE, "train", *TINY_ARGS, "--steps", "200000", "--learning-starts", "100000", "--out", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    run = tmp_path / "CartPole-v1__none__s0"
+    wait_for(lambda: status(run).get("state") == "running")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out, err)
+    assert status(run)["state"] == "interrupted" and status(run)["message"].startswith("stopped by SIGTERM")
+    assert load_agent_checkpoint(run / "checkpoint.pt")["step"] == status(run)["step"]
