@@ -136,7 +136,9 @@ def srank(features: torch.Tensor, delta: float = 0.01) -> int | float:
     if total == 0.0:
         return 0
     cumulative = torch.cumsum(s, 0) / total
-    return int((cumulative < 1.0 - delta).sum()) + 1
+    # the exact share of all σ is 1 ≥ 1 − δ: at most len(σ), also where rounding leaves the
+    # computed last share just below 1 (δ = 0)
+    return min(int((cumulative < 1.0 - delta).sum()) + 1, s.numel())
 
 
 def stable_rank(matrix: torch.Tensor) -> float:

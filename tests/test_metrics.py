@@ -95,6 +95,23 @@ def test_feature_norm_and_feature_rank() -> None:
     assert pp.feature_rank(torch.diag(torch.tensor([1.0, 1e-3]))) == 1  # σ/√2 = 0.707, 7e-4
 
 
+@given(
+    n=st.integers(1, 40),
+    d=st.integers(1, 12),
+    seed=st.integers(0, 2**32 - 1),
+    delta=st.sampled_from([0.0, 1e-12, 0.01, 0.5]),
+)
+@settings(max_examples=200, deadline=None)
+def test_srank_never_exceeds_the_number_of_singular_values(n: int, d: int, seed: int, delta: float) -> None:
+    """A Gaussian matrix has full rank (almost surely, and well away from rounding at these
+    sizes): the shares of its σ reach 1 − δ = 1 only with the last one, so srank₀ = min(n, d)."""
+    m = torch.from_numpy(np.random.default_rng(seed).standard_normal((n, d)))
+    value = pp.srank(m, delta)
+    assert 1 <= value <= min(n, d)
+    if delta == 0.0:
+        assert value == min(n, d) == np.linalg.matrix_rank(m.numpy())
+
+
 # ---- NumPy references on random matrices of several shapes and both dtypes --------------------
 @pytest.mark.parametrize("shape", [(1, 5), (5, 1), (7, 3), (3, 7), (64, 64), (512, 64), (20, 200)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
