@@ -114,12 +114,15 @@ class Report:
             network={k: _none_to_nan(v) for k, v in data.get("network", {}).items()},
             skipped=[SkippedModule(**s) for s in data.get("skipped", [])],
             notes=list(data.get("notes", [])),
-            groups=[GroupRecord(**g) for g in data.get("groups", [])],
+            groups=[
+                GroupRecord(**{**g, "metrics": {k: _none_to_nan(v) for k, v in g["metrics"].items()}})
+                for g in data.get("groups", [])
+            ],
         )
 
     def to_json(self, **kwargs: Any) -> str:
         """JSON text; NaN and Inf become ``null`` so the output is strict JSON."""
-        return json.dumps(_finite_or_none(self.to_dict()), **kwargs)
+        return json.dumps(finite_or_none(self.to_dict()), **kwargs)
 
     def metric_names(self) -> list[str]:
         names: list[str] = []
@@ -176,11 +179,13 @@ def _none_to_nan(v: float | None) -> float:
     return math.nan if v is None else v
 
 
-def _finite_or_none(obj: Any) -> Any:
+def finite_or_none(obj: Any) -> Any:
+    """``obj`` with every non-finite float, at any depth of dicts and lists, replaced by None
+    (strict JSON has no NaN or Infinity)."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _finite_or_none(v) for k, v in obj.items()}
+        return {k: finite_or_none(v) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_finite_or_none(v) for v in obj]
+        return [finite_or_none(v) for v in obj]
     return obj

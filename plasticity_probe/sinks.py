@@ -8,25 +8,20 @@ the write in progress. Row format (JSONL: one object per line; CSV: these column
     step, <tags…>, layer, index, metric, value        # reports (long rows)
     step, <tags…>, metric, value                      # scalars
 
-NaN and Inf are written as ``null`` in JSONL and as ``nan``/``inf`` in CSV.
+NaN and Inf are written as ``null`` in JSONL (at any depth of a record) and as ``nan``/``inf`` in CSV.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from plasticity_probe.report import Report
+from plasticity_probe.report import Report, finite_or_none
 
 __all__ = ["CsvSink", "JsonlSink", "TensorBoardSink"]
-
-
-def _json_value(v: Any) -> Any:
-    return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 class _FileSink:
@@ -58,7 +53,7 @@ class JsonlSink(_FileSink):
     """Appends one JSON object per row to ``path``; ``write_record`` appends any dict."""
 
     def _write_rows(self, rows: list[dict[str, Any]]) -> None:
-        self._file.write("".join(json.dumps({k: _json_value(v) for k, v in r.items()}) + "\n" for r in rows))
+        self._file.write("".join(json.dumps(finite_or_none(r), allow_nan=False) + "\n" for r in rows))
         self._file.flush()
 
     def write_record(self, record: Mapping[str, Any]) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -319,3 +321,64 @@ def test_features_are_copies_when_anyone_else_can_reach_them(keep: str) -> None:
         out.add_(100.0)
     torch.testing.assert_close(probe.features["fc1"], expected)
     torch.testing.assert_close(probe.features["fc2"], model.fc2(expected).detach())
+
+
+class _WithLogStd(nn.Module):
+    """A policy-like net with a parameter no layer uses (kept in a group)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        self.log_std = nn.Parameter(torch.full((2,), math.nan))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@pytest.mark.filterwarnings("ignore::plasticity_probe.NonFiniteWarning")
+def test_a_group_metric_that_is_nan_survives_the_json_round_trip() -> None:
+    report = pp.Probe(_WithLogStd(), probe_batch=torch.randn(8, 3)).measure()
+    assert report.groups and math.isnan(report.groups[0].metrics["weight_magnitude"])
+    back = pp.Report.from_dict(json.loads(report.to_json()))
+    value = back.groups[0].metrics["weight_magnitude"]
+    assert isinstance(value, float) and math.isnan(value)
+
+
+def _strict(line: str) -> Any:
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not strict JSON: {constant}")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_jsonl_sink_writes_strict_json_at_every_depth(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    with pp.JsonlSink(path) as sink:
+        sink.write_record({"step": 1, "value": math.nan, "d": {"a": math.inf, "b": [1.0, -math.inf]}, "l": [math.nan]})
+        sink.write_scalars(2, {"loss": math.inf, "q": 0.5})
+    lines = [_strict(line) for line in path.read_text().splitlines()]
+    assert lines[0] == {"step": 1, "value": None, "d": {"a": None, "b": [1.0, None]}, "l": [None]}
+    assert lines[1:] == [{"step": 2, "metric": "loss", "value": None}, {"step": 2, "metric": "q", "value": 0.5}]
+
+
+def test_csv_sink_header_once_across_instances_and_nan_inf_as_text(tmp_path: Path) -> None:
+    import csv
+
+    torch.manual_seed(0)
+    report = pp.Probe(mlp(), probe_batch=torch.randn(16, 6)).measure()
+    report.layers[0].metrics["effective_rank"] = math.nan
+    path = tmp_path / "r.csv"
+    with pp.CsvSink(path) as sink:
+        sink.write(10, report, run="a")
+    with pp.CsvSink(path) as sink:  # a second writer appends under the existing header
+        sink.write(20, report, run="a")
+        sink.write_scalars(30, {"loss": math.inf}, run="a")
+    text = path.read_text()
+    assert text.count("step,run,layer,index,metric,value") == 1
+    rows = list(csv.DictReader(text.splitlines()))
+    assert len(rows) == 2 * len(report.rows()) + 1
+    first = [r for r in rows if r["step"] == "10"]
+    expected = [{k: str(v) for k, v in {"step": 10, "run": "a", **row}.items()} for row in report.rows()]
+    assert first == expected
+    assert any(r["metric"] == "effective_rank" and r["value"] == "nan" for r in first)
+    assert rows[-1] == {"step": "30", "run": "a", "layer": "", "index": "", "metric": "loss", "value": "inf"}
