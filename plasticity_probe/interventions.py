@@ -656,10 +656,6 @@ def _resettable(model: nn.Module, names: Sequence[str] | None) -> tuple[list[tup
     return list(top.items()), uncovered
 
 
-def _qualified(path: str, rel: str) -> str:
-    return f"{path}.{rel}" if path else rel
-
-
 @torch.no_grad()
 def shrink_perturb(
     model: nn.Module,
@@ -683,14 +679,16 @@ def shrink_perturb(
     if shrink < 0 or perturb < 0:
         raise ValueError(f"shrink_perturb: need shrink >= 0 and perturb >= 0, got {shrink}, {perturb}")
     fresh, skipped, seed = _fresh_targets(model, None, generator)
-    changed: list[str] = []
-    for path, module, module_fresh in fresh:
+    canonical = {id(p): n for n, p in model.named_parameters()}  # a tied parameter: its first name
+    changed: dict[str, nn.Parameter] = {}
+    for _, module, module_fresh in fresh:
         fresh_params = dict(module_fresh.named_parameters())
         for rel, p in module.named_parameters():
+            if canonical[id(p)] in changed:  # tied: shrunk once, not once per module holding it
+                continue
             p.mul_(shrink).add_(fresh_params[rel].to(p.device, p.dtype), alpha=perturb)
-            changed.append(_qualified(path, rel))
-    named = dict(model.named_parameters())
-    _drop_state(optimizer, (named[n] for n in changed))
+            changed[canonical[id(p)]] = p
+    _drop_state(optimizer, changed.values())
     return ResetRecord(
         "shrink_perturb",
         [],
@@ -731,19 +729,21 @@ def reset_layers(
     if not names:
         raise ValueError("reset_layers: give at least one module name")
     fresh, skipped, seed = _fresh_targets(model, names, generator)
-    changed: list[str] = []
-    for path, module, module_fresh in fresh:
+    canonical = {id(p): n for n, p in model.named_parameters()}  # a tied parameter: its first name
+    changed: dict[str, nn.Parameter] = {}
+    done: set[int] = set()
+    for _, module, module_fresh in fresh:
         fresh_state = _owned(module_fresh)
         for rel, (sub, attr) in _owned(module).items():
             t = getattr(sub, attr)
-            if not isinstance(t, torch.Tensor):
+            if not isinstance(t, torch.Tensor) or id(t) in done:  # tied: drawn once
                 continue
+            done.add(id(t))
             src_sub, src_attr = fresh_state[rel]
             t.copy_(getattr(src_sub, src_attr))
             if isinstance(t, nn.Parameter):
-                changed.append(_qualified(path, rel))
-    named = dict(model.named_parameters())
-    _drop_state(optimizer, (named[n] for n in changed))
+                changed[canonical[id(t)]] = t
+    _drop_state(optimizer, changed.values())
     modules = dict(model.named_modules())
     layers = []
     for i, n in enumerate((n if n != "(root)" else "" for n in names), start=1):

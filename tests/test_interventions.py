@@ -626,3 +626,25 @@ def test_a_parameter_free_layer_norm_in_the_chain_is_seen() -> None:
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before.parameters(), strict=True))
     trace_layers = pp.discover_layers(model, torch.randn(2, 3))[0]
     assert trace_layers[0].chain == ("layer_norm", "relu")
+
+
+def test_tied_parameters_are_shrunk_and_reset_once() -> None:
+    """A weight shared by two layers (tied embeddings): ``named_parameters()`` lists it once, and
+    so must the interventions — shrunk once (λ·θ, not λ²·θ), its optimizer state dropped."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    model[2].weight = model[0].weight
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model(torch.randn(8, 4)).square().sum().backward()
+    opt.step()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    record = pp.shrink_perturb(model, shrink=0.5, perturb=0.0, optimizer=opt)
+    assert record.params == ("0.weight", "0.bias", "2.bias")
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), 0.5 * before[name], rtol=0, atol=0)
+    assert not opt.state
+    model(torch.randn(8, 4)).square().sum().backward()
+    opt.step()
+    record = pp.reset_layers(model, ["2"], optimizer=opt)
+    assert record.params == ("0.weight", "2.bias")  # the tied weight under its first name
+    assert set(opt.state) == {model[0].bias}
