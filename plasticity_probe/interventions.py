@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.nn.utils import parametrize
 
 from plasticity_probe.layers import DataFlowTracer, LayerInfo, SkippedModule, Trace, call_model, display_name
+from plasticity_probe.metrics import NonFiniteWarning
 
 __all__ = [
     "Intervention",
@@ -208,7 +210,7 @@ def unit_scores(features: torch.Tensor) -> torch.Tensor:
     conv channels); a unit is τ-dormant when ``s_i ≤ τ``. Units are channels (dim 1) of
     ≥ 3-D features, the last dimension otherwise. If every unit is exactly 0 the scores are
     undefined and returned as 0 (all dormant), as :func:`~plasticity_probe.metrics.dormant_fraction`
-    counts them.
+    counts them. Features holding NaN or Inf give NaN scores (no unit is dormant).
     """
     return _normalize(_unit_abs_mean(features))
 
@@ -223,8 +225,10 @@ def _unit_abs_mean(x: torch.Tensor, conv: bool | None = None) -> torch.Tensor:
 
 
 def _normalize(per_unit: torch.Tensor) -> torch.Tensor:
-    mean = per_unit.mean()
-    if float(mean) == 0.0 or not math.isfinite(float(mean)):
+    mean = float(per_unit.mean())
+    if not math.isfinite(mean):  # NaN or Inf features: no unit is dormant or not
+        return torch.full_like(per_unit, math.nan)
+    if mean == 0.0:
         return torch.zeros_like(per_unit)
     return per_unit / mean
 
@@ -438,6 +442,10 @@ class ReDo:
         consumers = trace.consumers.get(info.name, [])
         if not consumers:
             return "output layer: no layer reads its features (resetting it would change the output)", None
+        if not bool(torch.isfinite(score).all()):
+            reason = "NaN or Inf in its features (or gradients) on this batch: scores undefined, not reset"
+            warnings.warn(f"ReDo: layer {info.name}: {reason}", NonFiniteWarning, stacklevel=5)  # the caller of reset
+            return reason, None
         mixed = [c.layer for c in consumers if c.route == "mixed"]
         if mixed:
             return (

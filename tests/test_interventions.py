@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import signal
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -648,3 +650,28 @@ def test_tied_parameters_are_shrunk_and_reset_once() -> None:
     record = pp.reset_layers(model, ["2"], optimizer=opt)
     assert record.params == ("0.weight", "2.bias")  # the tied weight under its first name
     assert set(opt.state) == {model[0].bias}
+
+
+def test_redo_resets_nothing_in_a_layer_whose_features_are_not_finite() -> None:
+    """One unit overflowing to Inf made every score 0 (all dormant) and ReDo reset the whole
+    layer, healthy units included; now the layer is skipped with a NonFiniteWarning."""
+    from plasticity_probe.interventions import unit_scores
+
+    scores = unit_scores(torch.tensor([[math.inf, 0.0, 1.0], [1.0, 0.0, 1.0]]))
+    assert bool(torch.isnan(scores).all())
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[0].weight[0] = 3e38  # unit 0 of the first layer overflows to Inf on ones
+    before = copy.deepcopy(model.state_dict())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        record = pp.ReDo(model, tau=0.1).reset(torch.ones(5, 3))
+    messages = {str(w.message) for w in caught if issubclass(w.category, pp.NonFiniteWarning)}
+    assert any(m.startswith("ReDo: layer 0: NaN or Inf") for m in messages), messages
+    assert {w.filename for w in caught} == {__file__}  # reported where reset was called
+    assert record.units_reset == 0
+    assert ("0", "NaN or Inf in its features (or gradients) on this batch: scores undefined, not reset") in [
+        (s.name, s.reason) for s in record.skipped
+    ]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
