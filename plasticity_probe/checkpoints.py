@@ -334,8 +334,9 @@ def weight_report(state_dict: StateDict, init: StateDict | None = None) -> Repor
     notes: list[str] = []
     all_params: list[torch.Tensor] = []
     for index, (name, tensors) in enumerate(weight_layers(state_dict).items(), start=1):
-        params = [t for k, t in tensors.items() if k in ("weight", "bias") or not k.startswith("running")]
-        params = [t for t in params if t.is_floating_point()]
+        # parameters only: BatchNorm's running statistics are buffers, not weights
+        kept = {k: t for k, t in tensors.items() if not k.startswith("running") and t.is_floating_point()}
+        params = list(kept.values())
         all_params += params
         values = {"weight_magnitude": M.weight_magnitude(params), "mean_abs_weight": M.mean_abs_weight(params)}
         w = tensors.get("weight")
@@ -348,7 +349,7 @@ def weight_report(state_dict: StateDict, init: StateDict | None = None) -> Repor
                 notes.append(f"{name}: weight ranks skipped, {tuple(matrix.shape)} is past the SVD limit {MAX_SVD_DIM}")
         if init is not None:
             prefix = "" if name == "(root)" else name + "."
-            pairs = [(t, init.get(prefix + k)) for k, t in tensors.items() if t.is_floating_point()]
+            pairs = [(t, init.get(prefix + k)) for k, t in kept.items()]
             squared = 0.0
             for t, p0 in pairs:
                 if p0 is None or p0.shape != t.shape:

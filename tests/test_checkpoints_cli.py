@@ -358,3 +358,20 @@ def test_analyze_bad_input_list(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         lines = [line for line in result.output.splitlines() if line.startswith("error")]
         assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], (args, result.output)
         assert "Traceback" not in result.output
+
+
+def test_weight_report_distance_from_init_counts_parameters_not_running_statistics() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    model(torch.randn(16, 3) * 5 + 2)  # moves the running statistics only
+    report = weight_report(model.state_dict(), init)
+    assert report["1"].metrics["distance_from_init"] == 0.0
+    assert report["1"].n_params == 8  # BatchNorm's weight and bias
+    with torch.no_grad():
+        model[1].weight[2] += 0.3
+        model[0].bias[1] -= 0.4
+    report = weight_report(model.state_dict(), init)
+    assert report["1"].metrics["distance_from_init"] == pytest.approx(0.3, rel=1e-6)
+    assert report["0"].metrics["distance_from_init"] == pytest.approx(0.4, rel=1e-6)
