@@ -209,3 +209,22 @@ def test_trainability_custom_forward_and_errors() -> None:
     assert np.isfinite(r.ratio)
     with pytest.raises(ValueError, match="steps"):
         pp.trainability(model, x, steps=0)
+
+
+@pytest.mark.filterwarnings("ignore::plasticity_probe.NonFiniteWarning")
+def test_trainability_of_a_network_with_nan_weights_is_nan_and_raises_nothing() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with torch.no_grad():
+        model[0].weight[0, 0] = math.nan
+    before = copy.deepcopy(model.state_dict())
+    result = pp.trainability(model, torch.randn(32, 4), steps=5)
+    assert math.isnan(result.ratio) and math.isnan(result.final_loss) and len(result.curve) == 6
+    for k, v in model.state_dict().items():  # the caller's model untouched
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0, equal_nan=True)
+
+
+def test_distance_from_init_of_nan_parameters_is_nan_with_a_warning() -> None:
+    with pytest.warns(pp.NonFiniteWarning, match="distance_from_init"):
+        value = pp.distance_from_init([torch.tensor([1.0, math.nan])], [torch.zeros(2)])
+    assert math.isnan(value)

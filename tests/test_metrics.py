@@ -258,6 +258,7 @@ def test_unit_fractions_in_unit_interval(h: np.ndarray, tau: float) -> None:
         pp.dormant_fraction,
         pp.zero_fraction,
         pp.feature_norm,
+        pp.feature_rank,
     ],
 )
 @pytest.mark.parametrize("shape", [(0, 5), (0, 3, 4, 4)])

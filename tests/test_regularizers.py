@@ -274,3 +274,15 @@ def test_singular_penalty_on_half_precision(dtype: torch.dtype) -> None:
     value.backward()
     assert value.dtype == torch.float32 and half.grad is not None and bool(torch.isfinite(half.grad).all())
     assert float(value) == pytest.approx(float(singular_penalty(half.detach().float())), rel=1e-5)
+
+
+def test_a_tied_parameter_is_penalized_once_with_its_first_layer() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    model[2].weight = model[0].weight
+    reg = pp.SuccessiveRegularizer(model, penalty="l2", lam=1.0, delta=2.0)
+    model(torch.randn(3, 4))
+    assert reg.weights() == {"0": 2.0, "2": 4.0}
+    w, b0, b2 = (t.detach().double() for t in (model[0].weight, model[0].bias, model[2].bias))
+    expected = 2.0 * float((w**2).sum() + (b0**2).sum()) + 4.0 * float((b2**2).sum())
+    assert float(reg(0)) == pytest.approx(expected, rel=1e-6)
