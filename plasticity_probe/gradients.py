@@ -123,9 +123,9 @@ def grad_dormant_fraction(grads: torch.Tensor, tau: float = 0.01, *, unit_dim: i
     if not bool(torch.isfinite(g).all()):
         warnings.warn("grad_dormant_fraction: input holds NaN or Inf; result is nan", NonFiniteWarning, stacklevel=2)
         return math.nan
-    g = g.movedim(unit_dim, -1).reshape(-1, g.shape[unit_dim]).to(torch.float64)
-    if g.shape[1] == 0 or g.shape[0] == 0:
+    if g.numel() == 0:  # no samples or no units (reshape cannot infer a dimension of 0 elements)
         return math.nan
+    g = g.movedim(unit_dim, -1).reshape(-1, g.shape[unit_dim]).to(torch.float64)
     per_unit = g.abs().mean(dim=0)
     layer_mean = per_unit.mean()
     if float(layer_mean) == 0.0:

@@ -228,3 +228,9 @@ def test_distance_from_init_of_nan_parameters_is_nan_with_a_warning() -> None:
     with pytest.warns(pp.NonFiniteWarning, match="distance_from_init"):
         value = pp.distance_from_init([torch.tensor([1.0, math.nan])], [torch.zeros(2)])
     assert math.isnan(value)
+
+
+@pytest.mark.parametrize("shape", [(4, 0), (0, 3), (0, 0), (2, 0, 5, 5)])
+def test_grad_dormant_fraction_of_no_units_or_no_samples_is_nan(shape: tuple[int, ...]) -> None:
+    unit_dim = 1 if len(shape) > 2 else -1
+    assert math.isnan(pp.grad_dormant_fraction(torch.zeros(shape), unit_dim=unit_dim))
