@@ -213,3 +213,27 @@ def test_sb3_callback_gradients_trainability_and_distance_from_training_start() 
     moved = callback.probes["q_net"].init
     assert all(torch.equal(moved[k], start[k]) for k in start)  # θ_0 = the parameters at the start of training
     assert report["q_net.0"].metrics["distance_from_init"] > 0
+
+
+def test_sb3_callbacks_keep_their_interval_with_several_environments(tmp_path: Path) -> None:
+    """With n_envs = 4 the timestep count moves 4 at a time: ``num_timesteps % every == 0`` held
+    only at multiples of lcm(every, 4) (every 20 steps for every = 10, the first report at 4,004
+    for every = 1,001). One report (and one intervention) past each multiple of ``every``."""
+    sb3 = pytest.importorskip("stable_baselines3", reason="needs the sb3 extra")
+    from stable_baselines3.common.env_util import make_vec_env
+
+    from plasticity_probe.integrations.sb3 import InterventionCallback, ProbeCallback
+
+    env = make_vec_env("CartPole-v1", n_envs=4, seed=0)
+    model = sb3.DQN("MlpPolicy", env, learning_starts=8, policy_kwargs={"net_arch": [16]}, seed=0, verbose=0)
+    sink_path = tmp_path / "p.jsonl"
+    with pp.JsonlSink(sink_path) as sink:
+        probe = ProbeCallback(every=10, batch_size=8, sinks=[sink], metrics=["weight_magnitude"])
+        shrink = InterventionCallback("shrink-perturb", every=10, batch_size=8)
+        model.learn(100, callback=[probe, shrink])
+    steps = sorted({json.loads(line)["step"] for line in sink_path.read_text().splitlines()})
+    total = model.num_timesteps  # SB3 may run past 100 to finish its last rollout
+    calls = range(4, total + 1, 4)  # num_timesteps at each callback call
+    expected = [min(n for n in calls if n >= 10 * k) for k in range(1, total // 10 + 1)]
+    assert steps == expected and steps[:4] == [12, 20, 32, 40]  # the first call at or past 10, 20, …
+    assert sorted({t for t, _ in shrink.records}) == steps

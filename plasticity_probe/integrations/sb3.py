@@ -80,7 +80,8 @@ class ProbeCallback(BaseCallback):
     (on-policy). Dict observations (``MultiInputPolicy``) are kept as dicts.
 
     Args:
-        every: timesteps between reports.
+        every: timesteps between reports: one at the first step at or past each multiple of
+            ``every`` (with ``n_envs`` environments the count moves ``n_envs`` at a time).
         batch_size: observations in the fixed probe batch.
         metrics: per-layer metrics (default: ``Probe``'s).
         sinks: extra writers (``JsonlSink``, ``CsvSink``, ``TensorBoardSink``).
@@ -115,6 +116,7 @@ class ProbeCallback(BaseCallback):
         self.probe_batch: tuple[Any, torch.Tensor] | None = None
         self.probes: dict[str, Probe] = {}
         self.last_reports: dict[str, Any] = {}
+        self._reported = 0  # multiples of every reported
 
     def _on_training_start(self) -> None:
         self.probes = {
@@ -148,8 +150,10 @@ class ProbeCallback(BaseCallback):
         return obs, torch.as_tensor(actions[idx], dtype=torch.float32, device=device)
 
     def _on_step(self) -> bool:
-        if self.num_timesteps % self.every != 0:
+        multiple = self.num_timesteps // self.every  # n_envs steps per call: report once past each
+        if multiple <= self._reported:
             return True
+        self._reported = multiple
         if self.probe_batch is None:
             self.probe_batch = self._draw_batch()
             if self.probe_batch is None:
@@ -239,8 +243,8 @@ class InterventionCallback(BaseCallback):
         intervention: ``"redo"`` (:class:`~plasticity_probe.interventions.ReDo`),
             ``"shrink-perturb"`` (:func:`~plasticity_probe.interventions.shrink_perturb`), or
             ``fn(name, net, optimizer, obs) -> ResetRecord``.
-        every: timesteps between interventions (for PPO/A2C, a multiple of ``n_steps`` applies
-            it at the end of a rollout).
+        every: timesteps between interventions, one at the first step at or past each multiple
+            (for PPO/A2C, a multiple of ``n_steps`` applies it at the end of a rollout).
         batch_size: observations scored by ReDo.
         tau: ReDo's τ; shrink, perturb: Shrink & Perturb's λ and σ.
         seed: with the timestep, seeds the batch draw and the fresh initializations.
@@ -269,6 +273,7 @@ class InterventionCallback(BaseCallback):
         self.intervention, self.every, self.batch_size = intervention, every, batch_size
         self.tau, self.shrink, self.perturb, self.seed = tau, shrink, perturb, seed
         self.records: list[tuple[int, Any]] = []
+        self._applied = 0  # multiples of every applied
 
     def _observations(self) -> Any:
         probe = ProbeCallback(batch_size=self.batch_size, seed=self.seed * 1_000_003 + self.num_timesteps)
@@ -279,8 +284,10 @@ class InterventionCallback(BaseCallback):
     def _on_step(self) -> bool:
         from plasticity_probe.interventions import ReDo, shrink_perturb
 
-        if self.num_timesteps % self.every != 0:
+        multiple = self.num_timesteps // self.every  # n_envs steps per call: apply once past each
+        if multiple <= self._applied:
             return True
+        self._applied = multiple
         obs = self._observations()
         if obs is None:
             return True
