@@ -237,3 +237,66 @@ def test_sb3_callbacks_keep_their_interval_with_several_environments(tmp_path: P
     expected = [min(n for n in calls if n >= 10 * k) for k in range(1, total // 10 + 1)]
     assert steps == expected and steps[:4] == [12, 20, 32, 40]  # the first call at or past 10, 20, …
     assert sorted({t for t, _ in shrink.records}) == steps
+
+
+@pytest.mark.filterwarnings("ignore:Found .* module\\(s\\) in eval mode")
+def test_lightning_probes_once_per_multiple_with_accumulation_and_keeps_frozen_parts_in_eval(
+    tmp_path: Path,
+) -> None:
+    L = pytest.importorskip("lightning.pytorch", reason="needs the lightning extra")
+    from plasticity_probe.integrations.lightning import InterventionCallback, ProbeCallback
+
+    class Module(L.LightningModule):
+        """A frozen backbone kept in eval mode (its BatchNorm statistics must not move)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8)).eval().requires_grad_(False)
+            self.head = nn.Sequential(nn.ReLU(), nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 1))
+            self.modes: list[bool] = []
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.backbone(x))
+
+        def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+            self.backbone.eval()  # the user's rule, once per batch
+            self.modes.append(self.backbone.training)
+
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _idx: int) -> torch.Tensor:
+            self.modes.append(self.backbone.training)
+            return nn.functional.mse_loss(self(batch[0]), batch[1])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.head.parameters(), lr=0.01)
+
+    class Steps(ProbeCallback):
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+            before = self.last_report
+            super().on_train_batch_end(trainer, pl_module, *args)
+            if self.last_report is not before:
+                self.steps.append(trainer.global_step)
+            pl_module.modes.append(pl_module.backbone.training)
+
+    torch.manual_seed(0)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.randn(96, 3), torch.randn(96, 1)), batch_size=8
+    )
+    probe = Steps(every=2, eval_mode=True)
+    probe.steps = []
+    shrink = InterventionCallback("shrink-perturb", every=2)
+    trainer = L.Trainer(
+        max_steps=6,
+        accumulate_grad_batches=2,
+        callbacks=[probe, shrink],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    module = Module()
+    stats = module.backbone[1].running_mean.clone()
+    trainer.fit(module, loader)
+    assert probe.steps == [2, 4, 6]  # one report per multiple of every, none before the first update
+    assert [step for step, _ in shrink.records] == [2, 4, 6]
+    assert not any(module.modes)  # the backbone never left eval mode
+    assert torch.equal(module.backbone[1].running_mean, stats)

@@ -49,11 +49,13 @@ class ProbeCallback(L.Callback):
     """Every ``every`` training steps, measure ``pl_module`` on a fixed probe batch.
 
     Args:
-        every: training steps (``trainer.global_step``) between reports.
+        every: optimizer steps (``trainer.global_step``) between reports: one report at each
+            multiple, none at step 0 (with gradient accumulation, several batches end on one step).
         probe_batch: the fixed input; default: the first ``max_samples`` inputs of the first batch.
         metrics: per-layer metrics (default: ``Probe``'s).
         layers: module paths to probe (default: all layers).
-        eval_mode: measure in eval mode (dropout off), restoring the mode afterwards.
+        eval_mode: measure in eval mode (dropout off), restoring every submodule's own mode
+            afterwards (a frozen, eval-mode backbone stays in eval mode).
         input_fn: picks the model input from a batch (default: :func:`first_tensor`).
         loss_fn: ``loss_fn(pl_module, batch) -> scalar`` on the first training batch (kept fixed):
             adds the gradient metrics (``grad_norm``, ``grad_to_weight_ratio``, GraMa's
@@ -84,6 +86,7 @@ class ProbeCallback(L.Callback):
         self.loss_batch: Any = None
         self.probe: Probe | None = None
         self.last_report: Report | None = None
+        self._last_step = 0
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self.probe = Probe(pl_module, layers=self.layers, metrics=self.metrics)  # θ_0: now
@@ -93,12 +96,14 @@ class ProbeCallback(L.Callback):
             self.probe_batch = self.input_fn(batch)[: self.max_samples].detach().clone()
         if self.loss_batch is None:
             self.loss_batch = batch
-        if trainer.global_step % self.every != 0:
+        step = trainer.global_step  # optimizer steps: with gradient accumulation, several batches share one
+        if step == 0 or step % self.every != 0 or step == self._last_step:
             return
+        self._last_step = step
         probe = self.probe or Probe(pl_module, layers=self.layers, metrics=self.metrics)
         user_loss, loss_batch = self.loss_fn, self.loss_batch
         loss_fn = (lambda: user_loss(pl_module, loss_batch)) if user_loss is not None else None
-        was_training = pl_module.training
+        modes = [(m, m.training) for m in pl_module.modules()]  # each submodule's own (frozen parts stay eval)
         if self.eval_mode:
             pl_module.eval()
         try:
@@ -109,7 +114,8 @@ class ProbeCallback(L.Callback):
                 trainability=self.trainability,
             )
         finally:
-            pl_module.train(was_training)
+            for module, training in modes:
+                module.training = training
         self.last_report = report
         values = {f"plasticity/{r['layer']}/{r['metric']}": float(r["value"]) for r in report.rows()}
         pl_module.log_dict(values, on_step=True, on_epoch=False)
@@ -122,7 +128,7 @@ class InterventionCallback(L.Callback):
     Args:
         intervention: ``"redo"`` (:class:`~plasticity_probe.interventions.ReDo` on the batch
             input), ``"shrink-perturb"``, or ``fn(pl_module, optimizer, x) -> ResetRecord``.
-        every: training steps (``trainer.global_step``) between interventions.
+        every: optimizer steps (``trainer.global_step``) between interventions (one per multiple).
         tau: ReDo's τ; shrink, perturb: Shrink & Perturb's λ and σ.
         seed: with the step, seeds the fresh initializations.
         input_fn: picks the model input from a batch (default: :func:`first_tensor`).
@@ -148,13 +154,15 @@ class InterventionCallback(L.Callback):
         self.intervention, self.every, self.tau = intervention, every, tau
         self.shrink, self.perturb, self.seed, self.input_fn = shrink, perturb, seed, input_fn
         self.records: list[tuple[int, Any]] = []
+        self._last_step = 0
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         from plasticity_probe.interventions import ReDo, shrink_perturb
 
-        step = trainer.global_step
-        if step == 0 or step % self.every != 0:
+        step = trainer.global_step  # optimizer steps: with gradient accumulation, several batches share one
+        if step == 0 or step % self.every != 0 or step == self._last_step:
             return
+        self._last_step = step
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         if self.intervention == "redo":
