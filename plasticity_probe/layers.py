@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
@@ -307,11 +308,15 @@ class _Chain:
     the head's version counter when the chain ended (``None`` while open), and a copy taken
     only when an in-place op was about to change the ended head."""
 
-    __slots__ = ("ended_at", "head", "layer", "ops", "origin", "snapshot")
+    __slots__ = ("edge", "ended_at", "head", "layer", "ops", "origin", "snapshot")
 
     def __init__(self, layer: str, head: torch.Tensor, keep_origin: bool) -> None:
         self.layer = layer
         self.origin = head if keep_origin else None  # the layer's own output, before its chain
+        # its place in the autograd graph, taken now: an in-place activation (ReLU(inplace=True))
+        # later rebinds the tensor's grad_fn, and a gradient w.r.t. the tensor would be the
+        # post-activation one
+        self.edge = get_gradient_edge(head) if keep_origin and head.requires_grad else None
         self.head = head
         self.ended_at: int | None = None
         self.snapshot: torch.Tensor | None = None
@@ -706,12 +711,13 @@ class DataFlowTracer:
                 skipped.append(SkippedModule(name, "layer not called in the pass"))
         return Trace(layers, features, self._groups(layers), skipped, notes, self._consumer_lists())
 
-    def outputs(self) -> dict[str, list[torch.Tensor]]:
-        """Each layer's own outputs (before its chain), one per call, *not* copied: with
-        ``detach=False`` they are in the autograd graph, so ``torch.autograd.grad(loss, ...)``
-        gives ∂L/∂(layer output), the pre-activation gradients of GraMa's score."""
+    def outputs(self) -> dict[str, list[tuple[torch.Tensor, GradientEdge]]]:
+        """Each layer's own outputs (before its chain) that require grad, one per call, *not*
+        copied, with their autograd edges taken when the layer returned (``detach=False``):
+        ``torch.autograd.grad(loss, edges)`` gives ∂L/∂(layer output), the pre-activation
+        gradients of GraMa's score, also where an in-place activation overwrote the output."""
         return {
-            name: [c.origin for c in self._calls[name] if c.origin is not None]
+            name: [(c.origin, c.edge) for c in self._calls[name] if c.origin is not None and c.edge is not None]
             for name in self._order
             if self._calls.get(name) and name not in self._internal
         }

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 
 from plasticity_probe import gradients as G
 from plasticity_probe import metrics as M
@@ -299,19 +300,20 @@ class Probe:
         tracer = DataFlowTracer(self._tracer.model, self._layer_names, detach=False)
         with tracer.record(), torch.enable_grad():
             loss = loss_fn()
-        outputs = {n: [t for t in ts if t.requires_grad] for n, ts in tracer.outputs().items()}
+        outputs = tracer.outputs()
         trainable = [n for n, p in named.items() if p.requires_grad]
-        taps = [t for ts in outputs.values() for t in ts]
+        taps = [edge for ts in outputs.values() for _, edge in ts]
         if not bool(torch.isfinite(loss.detach()).all()):
             nan = {n: torch.full_like(named[n], math.nan) for n in trainable}
-            return _Gradients(nan, {n: [torch.full_like(t, math.nan) for t in ts] for n, ts in outputs.items()})
-        found = torch.autograd.grad(loss, [named[n] for n in trainable] + taps, allow_unused=True)
+            return _Gradients(nan, {n: [torch.full_like(t, math.nan) for t, _ in ts] for n, ts in outputs.items()})
+        params = [get_gradient_edge(named[n]) for n in trainable]  # edges throughout, as autograd.grad takes them
+        found = torch.autograd.grad(loss, params + taps, allow_unused=True)
         by_param = dict(zip(trainable, found[: len(trainable)], strict=True))
         by_output: dict[str, list[torch.Tensor]] = {}
         k = len(trainable)
         for n, ts in outputs.items():
             mine = zip(ts, found[k : k + len(ts)], strict=True)
-            by_output[n] = [g if g is not None else torch.zeros_like(t) for t, g in mine]
+            by_output[n] = [g if g is not None else torch.zeros_like(t) for (t, _), g in mine]
             k += len(ts)
         return _Gradients(by_param, by_output)
 

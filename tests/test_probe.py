@@ -382,3 +382,22 @@ def test_csv_sink_header_once_across_instances_and_nan_inf_as_text(tmp_path: Pat
     assert first == expected
     assert any(r["metric"] == "effective_rank" and r["value"] == "nan" for r in first)
     assert rows[-1] == {"step": "30", "run": "a", "layer": "", "index": "", "metric": "loss", "value": "inf"}
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_gradient_metrics_are_of_the_pre_activation_also_under_an_inplace_relu(inplace: bool) -> None:
+    """GraMa scores ∂L/∂z of each layer's own output z. An in-place ReLU overwrites z, and the
+    gradient w.r.t. the overwritten tensor is the post-activation one (dead units got gradient
+    through the mask: grad_dormant_fraction 0 instead of 1/4). Reference: z.retain_grad()."""
+    torch.manual_seed(0)
+    model = mlp(inplace=inplace)
+    with torch.no_grad():
+        model[0].bias[:4] = -1e3  # 4 of 16 units never fire
+    x = torch.randn(64, 6)
+    report = pp.Probe(model, probe_batch=x).measure(loss_fn=lambda: model(x).square().mean(), gradients=True)
+    reference = copy.deepcopy(model)
+    z = reference[0](x)
+    z.retain_grad()
+    reference[4](torch.relu(reference[2](torch.relu(z)))).square().mean().backward()
+    assert z.grad is not None
+    assert report["0"].metrics["grad_dormant_fraction"] == pytest.approx(pp.grad_dormant_fraction(z.grad)) == 0.25
