@@ -300,3 +300,17 @@ def test_lightning_probes_once_per_multiple_with_accumulation_and_keeps_frozen_p
     assert [step for step, _ in shrink.records] == [2, 4, 6]
     assert not any(module.modes)  # the backbone never left eval mode
     assert torch.equal(module.backbone[1].running_mean, stats)
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
+def test_sb3_trainability_of_an_actor_critic_fits_its_distribution_and_values(env_id: str) -> None:
+    """PPO's forward returns sampled or argmax actions, which have no gradient (discrete ones
+    made learn() raise); the probe fits the distribution's logits or mean beside the values."""
+    sb3 = pytest.importorskip("stable_baselines3", reason="needs the sb3 extra")
+    from plasticity_probe.integrations.sb3 import ProbeCallback
+
+    model = sb3.PPO("MlpPolicy", env_id, n_steps=64, batch_size=32, n_epochs=1, seed=0, verbose=0)
+    callback = ProbeCallback(every=64, batch_size=32, trainability=True)
+    model.learn(128, callback=callback)
+    network = callback.last_reports["policy"].network
+    assert 0 < network["trainability_ratio"] < 1  # Adam on fresh targets lowers the loss

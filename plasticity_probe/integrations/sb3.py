@@ -30,6 +30,7 @@ try:
     from stable_baselines3 import DQN
     from stable_baselines3.common.buffers import DictReplayBuffer, DictRolloutBuffer, ReplayBuffer, RolloutBuffer
     from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.policies import ActorCriticPolicy
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "plasticity_probe.integrations.sb3 needs Stable-Baselines3: pip install 'plasticity-probe[sb3]'"
@@ -63,8 +64,24 @@ def network_input(net: nn.Module, obs: Any, actions: torch.Tensor) -> Args:
     return Args(obs)
 
 
-def _first_output(net: nn.Module, batch: Any) -> torch.Tensor:
-    """The first tensor a network returns (a policy's actions, a critic's first Q-head)."""
+def _distribution_params(dist: Any) -> torch.Tensor:
+    """Logits (categorical, Bernoulli; each of a multi-categorical) or the mean (Gaussian), flat."""
+    if isinstance(dist, list | tuple):
+        return torch.cat([_distribution_params(d) for d in dist], dim=1)
+    params = getattr(dist, "logits", None)
+    params = dist.mean if params is None else params
+    return params.reshape(params.shape[0], -1)
+
+
+def _fit_output(net: nn.Module, batch: Any) -> torch.Tensor:
+    """What the trainability probe fits: an actor-critic policy's action-distribution parameters
+    (logits, or the Gaussian mean) beside its values — its actions are sampled or argmax, with no
+    gradient; for other networks the first tensor they return (a critic's first Q-head, an
+    actor's actions)."""
+    if isinstance(net, ActorCriticPolicy) and isinstance(batch, Args):
+        obs = batch.args[0]
+        params = _distribution_params(net.get_distribution(obs).distribution)
+        return torch.cat([params, net.predict_values(obs)], dim=1).float()
     out = call_model(net, batch)
     first = out if isinstance(out, torch.Tensor) else next(t for t in out if isinstance(t, torch.Tensor))
     return first.float()
@@ -169,7 +186,7 @@ class ProbeCallback(BaseCallback):
                     loss_fn=loss_fn,
                     gradients=loss_fn is not None,
                     trainability=self.trainability,
-                    trainability_kwargs={"forward": _first_output},
+                    trainability_kwargs={"forward": _fit_output},
                 )
             self.last_reports[name] = report
             for row in report.rows():
