@@ -314,3 +314,29 @@ def test_sb3_trainability_of_an_actor_critic_fits_its_distribution_and_values(en
     model.learn(128, callback=callback)
     network = callback.last_reports["policy"].network
     assert 0 < network["trainability_ratio"] < 1  # Adam on fresh targets lowers the loss
+
+
+def test_sb3_probing_with_a_sampling_loss_changes_nothing_in_training() -> None:
+    """The same seeded DQN run with and without ``ProbeCallback(loss_fn, trainability)``: the
+    loss samples the replay buffer (NumPy's global RNG, which SB3's sampling and ε-greedy use)
+    and the trainability fit draws targets (torch's); the trained parameters are identical."""
+    sb3 = pytest.importorskip("stable_baselines3", reason="needs the sb3 extra")
+    import torch.nn.functional as F
+
+    from plasticity_probe.integrations.sb3 import ProbeCallback
+
+    def td_loss(model: Any) -> torch.Tensor:
+        data = model.replay_buffer.sample(32, env=None)
+        q = model.q_net(data.observations).gather(1, data.actions.long())
+        return F.mse_loss(q, data.rewards)
+
+    def run(callback: ProbeCallback | None) -> dict[str, torch.Tensor]:
+        kw = dict(learning_starts=50, buffer_size=1000, train_freq=1, policy_kwargs={"net_arch": [16]})
+        model = sb3.DQN("MlpPolicy", "CartPole-v1", seed=0, verbose=0, **kw)
+        model.learn(300, callback=callback)
+        return {k: v.clone() for k, v in model.policy.state_dict().items()}
+
+    probed = ProbeCallback(every=60, batch_size=32, loss_fn=td_loss, trainability=True)
+    with_probe, without = run(probed), run(None)
+    assert len(probed.last_reports) == 1 and "grad_norm" in probed.last_reports["q_net"]["q_net.0"].metrics
+    assert all(torch.equal(with_probe[k], without[k]) for k in without)
