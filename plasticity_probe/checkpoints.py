@@ -95,9 +95,11 @@ def _digest_parts(obj: Any) -> Iterator[bytes | memoryview]:
             yield from _digest_parts(item)
         yield b"]"
     elif isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu().contiguous()
-        yield f"tensor {t.dtype} {tuple(t.shape)}".encode()
-        yield t.reshape(-1).view(torch.uint8).numpy().data
+        t = obj.detach().cpu().contiguous().reshape(-1)
+        if t.numel() == 1 and t.stride(0) != 1:  # "contiguous" with any stride; the byte view needs 1
+            t = t.clone(memory_format=torch.contiguous_format)
+        yield f"tensor {obj.dtype} {tuple(obj.shape)}".encode()
+        yield t.view(torch.uint8).numpy().data
     else:
         yield f"{type(obj).__name__} {obj!r}".encode()
 

@@ -678,3 +678,18 @@ def test_sigterm_on_train_checkpoints_and_exits_130(tmp_path: Path) -> None:
     assert proc.returncode == 130, (out, err)
     assert status(run)["state"] == "interrupted" and status(run)["message"].startswith("stopped by SIGTERM")
     assert load_agent_checkpoint(run / "checkpoint.pt")["step"] == status(run)["step"]
+
+
+def test_a_run_checkpointed_with_one_transition_in_its_buffer(tmp_path: Path) -> None:
+    """Stopped (or finished) after its first step, a run's buffer fields are one-element views
+    with the row's stride, which a one-element tensor may keep while "contiguous": the checksum's
+    byte view of them failed, so SIGTERM right after the start lost the run."""
+    from plasticity_probe.checkpoints import content_digest
+
+    rows = torch.arange(24, dtype=torch.float32).reshape(2, 12)
+    strided = rows[:1, 8].long()  # shape (1,), stride (12,)
+    assert strided.stride() == (12,) and content_digest(strided) == content_digest(strided.clone().contiguous())
+    result = train(tiny_config(total_steps=1), tmp_path / "r")
+    assert result.state == "finished", result.message
+    ckpt = load_agent_checkpoint(tmp_path / "r" / "checkpoint.pt")  # checksum verified
+    assert ckpt["step"] == 1 and ckpt["buffer"]["size"] == 1
