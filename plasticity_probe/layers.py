@@ -308,7 +308,7 @@ class _Chain:
     the head's version counter when the chain ended (``None`` while open), and a copy taken
     only when an in-place op was about to change the ended head."""
 
-    __slots__ = ("edge", "ended_at", "head", "layer", "ops", "origin", "snapshot")
+    __slots__ = ("edge", "ended_at", "forks", "head", "layer", "ops", "origin", "read", "snapshot")
 
     def __init__(self, layer: str, head: torch.Tensor, keep_origin: bool) -> None:
         self.layer = layer
@@ -321,6 +321,21 @@ class _Chain:
         self.ended_at: int | None = None
         self.snapshot: torch.Tensor | None = None
         self.ops: list[str] = []
+        self.read = False  # a layer read its head
+        # other branches of the same call: an element-wise op applied to an earlier head after the
+        # chain moved on (h.abs() for a statistic, then relu(h) for the next layer)
+        self.forks: list[_Chain] = []
+
+    def fork(self, head: torch.Tensor, n_ops: int) -> _Chain:
+        """A branch from an earlier head of this chain (reached after ``n_ops`` ops)."""
+        branch = _Chain(self.layer, head, keep_origin=False)
+        branch.origin, branch.edge, branch.ops = self.origin, self.edge, self.ops[:n_ops]
+        self.forks.append(branch)
+        return branch
+
+    def chosen(self) -> _Chain:
+        """The branch whose head a layer read (the first such), else the first branch."""
+        return next((c for c in (self, *self.forks) if c.read), self)
 
 
 _ROUTE_RANK = {"direct": 0, "reshape": 1, "mixed": 2}
@@ -405,6 +420,9 @@ class DataFlowTracer:
         self._order: list[str] = []
         self._calls: dict[str, list[_Chain]] = {}
         self._chain_of: dict[int, _Chain] = {}  # id(head) -> chain; heads are kept alive by their chain
+        # id(earlier head) -> (chain, ops up to it, its version): a later element-wise op on it forks
+        # the chain; weakly held, dropped when the tensor is freed (nobody can use it then)
+        self._past: dict[int, tuple[_Chain, int, int, weakref.ref]] = {}
         self._called: set[str] = set()  # layers whose forward was called
         self._prov: dict[int, tuple[tuple[str, str], ...]] = {}  # id(tensor) -> ((layer, route), ...)
         self._refs: dict[int, weakref.ref] = {}  # drop a tensor's entry when it is freed
@@ -469,10 +487,35 @@ class DataFlowTracer:
             self._order.append(name)
             self._calls[name] = []
         self._note_consumer(name, inputs)
+        self._mark_read(inputs)
         for t in inputs:
             chain = self._chain_of.get(id(t))
             if chain is not None and chain.ended_at is None:
                 chain.ended_at = t._version
+
+    def _mark_read(self, inputs: Sequence[torch.Tensor]) -> None:
+        """A layer reads these tensors: the chain branches whose heads they are hold the features
+        (an earlier head read directly becomes a branch of its own)."""
+        for t in inputs:
+            chain = self._chain_of.get(id(t)) or self._fork(t)
+            if chain is not None:
+                chain.read = True
+
+    def _remember_past(self, head: torch.Tensor, chain: _Chain) -> None:
+        key = id(head)
+        ref = weakref.ref(head, lambda _ref: self._past.pop(key, None))
+        self._past[key] = (chain, len(chain.ops), head._version, ref)
+
+    def _fork(self, t: torch.Tensor) -> _Chain | None:
+        """A new branch of the chain ``t`` was an (unchanged) earlier head of, or None."""
+        past = self._past.get(id(t))
+        if past is None or past[2] != t._version:
+            return None
+        owner, n_ops = past[0], past[1]
+        branch = owner.fork(t, n_ops)
+        self._chain_of[id(t)] = branch
+        del self._past[id(t)]
+        return branch
 
     def _note_consumer(self, name: str, inputs: Sequence[torch.Tensor]) -> None:
         for t in inputs:
@@ -532,7 +575,7 @@ class DataFlowTracer:
         for t in tensors:
             key = id(t)
             if chain is None:
-                chain = self._chain_of.get(key)
+                chain = self._chain_of.get(key) or (self._fork(t) if t is tensors[0] else None)
             prov = self._prov.get(key)
             if prov:
                 sources.update(dict.fromkeys(prov))
@@ -558,6 +601,7 @@ class DataFlowTracer:
             if direct_read not in self._order:
                 self._order.append(direct_read)
             self._note_consumer(direct_read, tensors)
+            self._mark_read(tensors)
         result = func(*args, **(kwargs or {}))
         out = _first_tensor(result)
         if out is None:
@@ -567,6 +611,7 @@ class DataFlowTracer:
         elif extends and chain is not None:
             if out is not chain.head:
                 del self._chain_of[id(chain.head)]
+                self._remember_past(chain.head, chain)
                 chain.head = out
                 self._chain_of[id(out)] = chain
             chain.ended_at = None
@@ -686,7 +731,7 @@ class DataFlowTracer:
             LayerInfo(
                 name, index, self._kinds[name], self.candidates[name],
                 tuple(dict.fromkeys(self._own_names[name] + tuple(applied.get(name, ())))),
-                tuple(self._calls[name][0].ops) if self._calls.get(name) else (),
+                tuple(self._calls[name][0].chosen().ops) if self._calls.get(name) else (),
             )
             for index, name in enumerate(self._order, start=1)
         ]  # fmt: skip
@@ -724,7 +769,8 @@ class DataFlowTracer:
 
     def _stack_calls(self, info: LayerInfo, chains: list[_Chain], notes: list[str]) -> torch.Tensor | None:
         values = []
-        for chain in chains:
+        for call in chains:
+            chain = call.chosen()
             x = chain.snapshot
             if x is None:
                 if chain.ended_at is not None and chain.head._version != chain.ended_at:

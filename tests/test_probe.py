@@ -416,16 +416,40 @@ class _SideStatistic(nn.Module):
         return self.fc2(torch.relu(h))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug, not fixed yet: a layer's chain follows the first element-wise op on its output; "
-    "a side use (|h| for a statistic) taken before the branch a consumer layer reads (relu(h)) becomes the "
-    "features. Choosing among forks needs the chain to keep every branch and pick the one a consumer reads",
-)
 def test_features_are_the_branch_the_next_layer_reads_not_a_side_use() -> None:
+    """The chain followed the first element-wise op on fc1's output (|h|, a logged statistic):
+    those were its features. Now the branch fc2 reads (relu(h)) is."""
     torch.manual_seed(0)
     model, x = _SideStatistic(), torch.randn(32, 4)
     report = pp.Probe(model, probe_batch=x).measure()
     expected = torch.relu(model.fc1(x)).detach()
     assert report["fc1"].metrics["dead_fraction"] == pytest.approx(pp.dead_unit_fraction(expected))
     assert report["fc1"].metrics["effective_rank"] == pytest.approx(pp.effective_rank(expected), rel=1e-6)
+    assert report["fc1"].metrics["feature_norm"] == pytest.approx(pp.feature_norm(expected), rel=1e-6)
+
+
+class _RawRead(nn.Module):
+    """fc1's output goes through a ReLU for a statistic, while fc2 reads the raw output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        self.active = torch.relu(h).gt(0).float().mean()
+        return self.fc2(h)
+
+
+def test_a_branch_point_read_directly_by_the_next_layer_is_the_features() -> None:
+    torch.manual_seed(0)
+    model, x = _RawRead(), torch.randn(32, 4)
+    report = pp.Probe(model, probe_batch=x).measure()
+    raw = model.fc1(x).detach()  # has negative entries: relu(h) would differ
+    assert bool((raw < 0).any())
+    assert report["fc1"].metrics["feature_norm"] == pytest.approx(pp.feature_norm(raw), rel=1e-6)
+    assert report["fc1"].metrics["zero_fraction"] == 0.0
+    reg = pp.SuccessiveRegularizer(model, penalty="singular", lam=1.0, delta=1.0)
+    model(x)
+    expected = float(pp.singular_penalty(raw)) + float(pp.singular_penalty(model(x).detach()))
+    assert float(reg(0)) == pytest.approx(expected, rel=1e-4)
