@@ -13,7 +13,10 @@ limit (FLOPs of the paper preset, measured matmul throughput).
 and the Hessian every 10,000 as in the paper presets), one torch thread; the runs' penalties
 cycle through ``--penalties`` (default: none, l2, l2init, singular).
 The sequential and batched measurements alternate (``--rounds``) so that a shared machine's
-load falls on both; the ratio is of the medians.
+load falls on both; the ratio is of the medians. Beside them, the floor of the batched run: the
+work no batching shares, per run (``update_floor``: the update's matrix products and the singular
+penalty's eigendecompositions, each timed alone on this machine; the probes and evaluations as the
+batched run spent them): a batched engine with no other cost would reach the floor ratio.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.func import functional_call, vmap
 
@@ -54,34 +58,116 @@ def _configs(env_id: str, k: int, steps: int, penalties: list[str]) -> list:
     return [scale_steps(c, steps, keep=("eval_every", "probe_every", "hessian_every")) for c in base]
 
 
+def _product_seconds(shape_a: tuple[int, ...], shape_b: tuple[int, ...]) -> float:
+    """Time of one ``bmm`` of these shapes, or of its transposed form ``(Bᵀ Aᵀ)ᵀ`` where MKL is
+    faster on that (the faster of the two: the floor assumes the best orientation)."""
+    a, b = torch.randn(shape_a), torch.randn(shape_b)
+    at, bt = a.transpose(1, 2).contiguous(), b.transpose(1, 2).contiguous()
+    return min(time_per_call(lambda: torch.bmm(a, b), 200), time_per_call(lambda: torch.bmm(bt, at), 200))
+
+
+def update_floor(cfgs: list, obs_dim: int, n_actions: int) -> float:
+    """Seconds per run-update (averaged over the runs ``cfgs``) of the update's unavoidable work,
+    each piece timed alone at the engine's chunk shapes: the matrix products of the forward pass,
+    the weight gradients and the input gradients (the update without its element-wise work), and
+    for each run with the singular penalty at that update, per penalized layer, its Gram matrix,
+    ``eigh`` and the two products of ``2 Φ v vᵀ``."""
+    from reference_agent.network import QNetwork
+    from reference_agent.penalties import StackedPenalty
+    from reference_agent.stacked import StackedQ
+    from reference_agent.update import CHUNK_RUNS
+
+    c, b = CHUNK_RUNS, cfgs[0].batch_size
+    sizes = (obs_dim, *cfgs[0].hidden_sizes, n_actions)
+    products = 0.0
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
+        products += _product_seconds((c, b, n_in), (c, n_in, n_out))  # forward
+        products += _product_seconds((c, n_out, b), (c, b, n_in))  # weight gradient
+        if i > 0:
+            products += _product_seconds((c, b, n_out), (c, n_out, n_in))  # input gradient
+    products /= c
+    nets = [QNetwork(obs_dim, n_actions, cfg.hidden_sizes) for cfg in cfgs]
+    penalty = StackedPenalty(cfgs, nets, StackedQ(nets).params(), torch.device("cpu"))
+    singular = 0.0
+    for layer, width in enumerate(sizes[1:]):
+        share = sum(1 / every for every, coef in zip(penalty.every, penalty.singular[:, layer], strict=True) if coef)
+        if share == 0:
+            continue
+        gram = torch.randn(1, width, b) @ torch.randn(1, b, width)
+        one = _product_seconds((1, width, b), (1, b, width))  # Gram matrix
+        one += time_per_call(partial(torch.linalg.eigh, gram), 200)
+        one += _product_seconds((1, b, width), (1, width, 2)) + _product_seconds((1, b, 2), (1, 2, width))
+        singular += share * one
+    return products + singular / len(cfgs)
+
+
+def _timed(method: Callable[..., object], spent: dict[str, float], name: str) -> Callable[..., object]:
+    """``method``, adding the seconds of each call to ``spent[name]``."""
+
+    def wrapper(*args: object, **kwargs: object) -> object:
+        start = time.perf_counter()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            spent[name] += time.perf_counter() - start
+
+    return wrapper
+
+
 def bench_runs(env_id: str, ks: list[int], steps: int, rounds: int, compile: bool | None, penalties: list[str]) -> None:
+    from unittest import mock
+
+    from reference_agent import engine, heap
     from reference_agent.engine import EngineOptions, train, train_batch
+    from reference_agent.envs import make_env
 
     options = EngineOptions(compile=compile)
+    env = make_env(env_id)
+    obs_dim, n_actions = int(np.prod(env.observation_space.shape or ())), int(env.action_space.n)  # type: ignore[attr-defined]
+    env.close()
 
     print(
         f"{env_id}, {steps} steps per run (learning starts, τ scaled; evaluation, probes, Hessian at the paper's "
         f"intervals), penalties {'/'.join(penalties)} in turn"
     )
-    print("| K | sequential µs/run-step | batched µs/run-step | ratio |")
-    print("|---|---|---|---|")
+    print("floor: the update's matrix products and eigendecompositions timed alone, plus the probes and")
+    print("evaluations as the batched run spent them (the batched engine cannot do its runs in less)")
+    print(
+        "| K | sequential µs/run-step | batched µs/run-step | ratio "
+        "| floor µs/run-step: update, probes, evaluation | floor ratio |"
+    )
+    print("|---|---|---|---|---|---|")
     for k in ks:
         cfgs = _configs(env_id, k, steps, penalties)
-        seq, bat = [], []
+        seq, bat, floors = [], [], []  # floors: (update, probes, evaluation) seconds per run-step
         for _ in range(rounds):
             out = Path(tempfile.mkdtemp())
+            spent = {"_probe": 0.0, "_evaluate": 0.0}
             try:
                 start = time.perf_counter()
                 for i, c in enumerate(cfgs):
                     train(c, out / f"s{i}", options=options)
                 seq.append((time.perf_counter() - start) / (k * steps))
-                start = time.perf_counter()
-                train_batch(cfgs, [out / f"b{i}" for i in range(k)], options=options)
-                bat.append((time.perf_counter() - start) / (k * steps))
+                cls = engine._Engine
+                with (
+                    mock.patch.object(cls, "_probe", _timed(cls._probe, spent, "_probe")),
+                    mock.patch.object(cls, "_evaluate", _timed(cls._evaluate, spent, "_evaluate")),
+                ):
+                    start = time.perf_counter()
+                    train_batch(cfgs, [out / f"b{i}" for i in range(k)], options=options)
+                    bat.append((time.perf_counter() - start) / (k * steps))
             finally:
                 shutil.rmtree(out)
+            updates = steps - cfgs[0].learning_starts + 1
+            with heap.train_heap():  # the engine's heap settings, under which its products run
+                per_update = update_floor(cfgs, obs_dim, n_actions)
+            work = (updates * k * per_update, spent["_probe"], spent["_evaluate"])
+            floors.append(tuple(w / (k * steps) for w in work))
         s, b = statistics.median(seq), statistics.median(bat)
-        print(f"| {k} | {s * 1e6:,.0f} | {b * 1e6:,.0f} | {b / s:.2f}× |", flush=True)
+        parts = sorted(floors, key=sum)[(len(floors) - 1) // 2]  # the round of the (lower) median floor
+        f = sum(parts)
+        split = ", ".join(f"{x * 1e6:,.0f}" for x in parts)
+        print(f"| {k} | {s * 1e6:,.0f} | {b * 1e6:,.0f} | {b / s:.2f}× | {f * 1e6:,.0f} ({split}) | {f / s:.2f}× |")
 
 
 # ---- one batched update, three ways ---------------------------------------------------------
