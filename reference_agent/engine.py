@@ -50,7 +50,7 @@ from reference_agent.network import QNetwork
 from reference_agent.penalties import StackedPenalty
 from reference_agent.replay import Batch, StackedReplay
 from reference_agent.stacked import StackedQ, mlp_forward
-from reference_agent.update import BatchedUpdate
+from reference_agent.update import BatchedUpdate, stack_key
 
 ProgressFn = Callable[[int, int, dict[str, float]], None]
 """``progress(step, total_steps, info)``; info has ``steps_per_s``, ``runs`` (still training) and,
@@ -281,7 +281,10 @@ def train_batch(
             raise ValueError("runs of one batch must share the environment, network shape and step settings")
         results: dict[int, RunResult] = {}
         for step in sorted({p.step for p in prepared}):
-            chosen = [i for i, p in enumerate(prepared) if p.step == step]
+            # stacked in the order that lets runs with the singular penalty share chunks
+            chosen = sorted(
+                (i for i, p in enumerate(prepared) if p.step == step), key=lambda i: stack_key(prepared[i].cfg)
+            )
             engine = _Engine([prepared[i] for i in chosen], progress, options)
             for i, result in zip(chosen, engine.run(), strict=True):
                 results[i] = result

@@ -170,25 +170,28 @@ def _records(run: Path, kind: str) -> list[dict]:
 
 
 def test_a_run_alone_equals_the_same_run_inside_a_batch(tmp_path: Path) -> None:
-    """Seed 0 with the l2init penalty, alone (K = 1) and as one of 4 runs of a batch (other seeds,
-    other penalties): the same losses, Q-values and targets over the first few hundred updates."""
+    """Seed 0 with the l2init penalty and seed 2 with the singular penalty, each alone (K = 1) and
+    as one of 4 runs of a batch (other seeds, other penalties; the batch stacks the singular run
+    first, ``update.stack_key``): the same losses, Q-values, targets and penalties over the first
+    few hundred updates, in the run directories given."""
     common = dict(total_steps=900, learning_starts=300, log_every=50)
     me = tiny_config(reg="l2init", **common)
-    others = [
-        tiny_config(seed=1, **common),
-        tiny_config(seed=2, reg="singular", lam=0.001, **common),
-        tiny_config(seed=3, reg="l2", reg_every="target", **common),
-    ]
-    alone = train(me, tmp_path / "alone")
-    batch = train_batch([others[0], me, *others[1:]], [tmp_path / f"b{i}" for i in range(4)])
-    assert alone.state == "finished" and all(r.state == "finished" for r in batch)
-    a, b = _records(tmp_path / "alone", "update"), _records(tmp_path / "b1", "update")
-    assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) == 13  # 601 updates
-    for ra, rb in zip(a, b, strict=True):
-        for key in ("loss", "q_mean", "target_mean", "penalty"):
-            assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-6), (ra["step"], key)
-    assert _records(tmp_path / "alone", "train_episode")[:5] == _records(tmp_path / "b1", "train_episode")[:5]
-    assert _records(tmp_path / "b0", "update")[0]["loss"] != a[0]["loss"]  # the other runs are other runs
+    singular = tiny_config(seed=2, reg="singular", lam=0.001, **common)
+    others = [tiny_config(seed=1, **common), tiny_config(seed=3, reg="l2", reg_every="target", **common)]
+    assert train(me, tmp_path / "alone").state == "finished"
+    assert train(singular, tmp_path / "alone_singular").state == "finished"
+    batch = train_batch([others[0], me, singular, others[1]], [tmp_path / f"b{i}" for i in range(4)])
+    assert all(r.state == "finished" for r in batch)
+    assert [r.run_dir for r in batch] == [tmp_path / f"b{i}" for i in range(4)]
+    for alone_dir, batch_dir in (("alone", "b1"), ("alone_singular", "b2")):
+        a, b = _records(tmp_path / alone_dir, "update"), _records(tmp_path / batch_dir, "update")
+        assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) == 13  # 601 updates
+        for ra, rb in zip(a, b, strict=True):
+            for key in ("loss", "q_mean", "target_mean", "penalty"):
+                assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-6), (alone_dir, ra["step"], key)
+        episodes = _records(tmp_path / alone_dir, "train_episode")[:5]
+        assert episodes == _records(tmp_path / batch_dir, "train_episode")[:5]
+    assert _records(tmp_path / "b0", "update")[0]["loss"] != _records(tmp_path / "b1", "update")[0]["loss"]
 
 
 def test_an_unconverged_hessian_is_recorded_in_the_run_not_warned_at_every_probe(
