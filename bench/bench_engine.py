@@ -31,7 +31,6 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.func import functional_call, vmap
 
@@ -117,13 +116,17 @@ def _timed(method: Callable[..., object], spent: dict[str, float], name: str) ->
 def bench_runs(env_id: str, ks: list[int], steps: int, rounds: int, compile: bool | None, penalties: list[str]) -> None:
     from unittest import mock
 
+    import gymnasium as gym
+
     from reference_agent import engine, heap
     from reference_agent.engine import EngineOptions, train, train_batch
     from reference_agent.envs import make_env
 
     options = EngineOptions(compile=compile)
     env = make_env(env_id)
-    obs_dim, n_actions = int(np.prod(env.observation_space.shape or ())), int(env.action_space.n)  # type: ignore[attr-defined]
+    space, actions = env.observation_space, env.action_space
+    assert space.shape is not None and isinstance(actions, gym.spaces.Discrete)  # make_env checked both
+    obs_dim, n_actions = int(space.shape[0]), int(actions.n)
     env.close()
 
     print(
