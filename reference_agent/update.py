@@ -29,7 +29,6 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
@@ -247,7 +246,6 @@ class BatchedUpdate:
                 "exp_avg_sq": torch.zeros_like(p),
             }
         self._link_state()
-        self._idle = np.zeros(online.k, dtype=bool), torch.zeros(online.k, device=device)
         self._use(compile)
 
     def load_optimizer_state(self, state_dict: dict[str, Any]) -> None:
@@ -269,12 +267,8 @@ class BatchedUpdate:
         if batch.next_value is None:
             raise ValueError("the update needs the next-state values of the batch (Batch.next_value)")
         params = self.online.params()
-        if self.penalty.any:
-            active = self.penalty.active(step)
-            mask = torch.from_numpy(active.astype(np.float32)).to(params[0].device)
-        else:
-            active, mask = self._idle
-        runs = self.penalty.singular_runs(active)
+        schedule = self.penalty.schedule(step)
+        runs = schedule.singular_runs
         args = (
             params,
             self.penalty.init,
@@ -285,7 +279,7 @@ class BatchedUpdate:
             batch.terminated,
             self.gamma,
             self.penalty.param_coefs,
-            mask,
+            schedule.mask,
             self.penalty.singular_coefs,
         )
         with torch.no_grad():
@@ -301,7 +295,7 @@ class BatchedUpdate:
                 self._fused_adam(params, grads)
                 out = summary(stats, units, feature_units)
             stats, units = out
-            self.penalty.record(active, units)
+            self.penalty.record(schedule.active, units)
         return stats
 
     def _compiled_step(self, args: tuple[Any, ...], runs: Runs) -> tuple[torch.Tensor, torch.Tensor] | None:

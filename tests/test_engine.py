@@ -371,7 +371,7 @@ def test_run_chunks_cover_the_runs_in_near_equal_chunks(k: int, size: int) -> No
     assert max(lengths) <= size and max(lengths) - min(lengths) <= 1 and len(bounds) == -(-k // size)
 
 
-def _step_args(k: int, seed: int, n: int = 48) -> tuple[tuple, StackedPenalty, np.ndarray]:
+def _step_args(k: int, seed: int, n: int = 48) -> tuple[tuple, StackedPenalty]:
     """The arguments of ``td_gradients`` for a batch of every penalty kind, at a step where the
     target-only run's penalty is added."""
     torch.manual_seed(seed)
@@ -379,7 +379,6 @@ def _step_args(k: int, seed: int, n: int = 48) -> tuple[tuple, StackedPenalty, n
     nets = _nets(cfgs, 5, 3)
     online = StackedQ(nets)
     penalty = StackedPenalty(cfgs, nets, [p.clone() for p in online.params()], torch.device("cpu"))
-    active = penalty.active(4)
     args = (
         online.params(),
         penalty.init,
@@ -390,10 +389,10 @@ def _step_args(k: int, seed: int, n: int = 48) -> tuple[tuple, StackedPenalty, n
         (torch.rand(k, n) < 0.2).float(),
         0.99,
         penalty.param_coefs,
-        torch.from_numpy(active.astype(np.float32)),
+        penalty.schedule(4).mask,
         penalty.singular_coefs,
     )
-    return args, penalty, active
+    return args, penalty
 
 
 @pytest.mark.parametrize("size", [3, 4])
@@ -401,8 +400,8 @@ def test_a_step_in_chunks_equals_the_step_at_once(size: int) -> None:
     """``over_chunks`` (what the compiled step runs, here eager) against ``td_gradients`` on all
     runs at once: every output, for chunks that split the singular runs apart (size 4: singular
     runs 4 and 8 open a chunk)."""
-    args, penalty, active = _step_args(len(PENALTIES), seed=7)
-    runs = penalty.singular_runs(active)
+    args, penalty = _step_args(len(PENALTIES), seed=7)
+    runs = penalty.schedule(4).singular_runs
     assert sum(map(len, runs)) >= 4  # singular runs in more than one chunk
     whole = td_gradients(*args, runs=runs)
     chunked = over_chunks(td_gradients, run_chunks(len(PENALTIES), size))(*args, runs=runs)
@@ -447,7 +446,7 @@ def test_a_failed_eigendecomposition_redoes_the_step_eagerly(monkeypatch: pytest
 
     results = []
     for fail in (False, True):
-        args, penalty, _ = _step_args(len(PENALTIES), seed=11)
+        args, penalty = _step_args(len(PENALTIES), seed=11)
         nets = _nets([DQNConfig(hidden_sizes=(24, 24), seed=s) for s in range(len(PENALTIES))], 5, 3)
         online = StackedQ(nets)
         if fail and failure == "not finite":
@@ -485,7 +484,7 @@ def test_without_a_working_cpp_compiler_the_update_warns_and_goes_on_eagerly(mon
 
     results = []
     for broken in (False, True):
-        args, penalty, _ = _step_args(len(PENALTIES), seed=12)
+        args, penalty = _step_args(len(PENALTIES), seed=12)
         nets = _nets([DQNConfig(hidden_sizes=(24, 24), seed=s) for s in range(len(PENALTIES))], 5, 3)
         online = StackedQ(nets)
         update = BatchedUpdate(online, penalty, lr=1e-2, gamma=0.99, compile=broken)
