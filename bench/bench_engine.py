@@ -16,7 +16,9 @@ The sequential and batched measurements alternate (``--rounds``) so that a share
 load falls on both; the ratio is of the medians. Beside them, the floor of the batched run: the
 work no batching shares, per run (``update_floor``: the update's matrix products and the singular
 penalty's eigendecompositions, each timed alone on this machine; the probes and evaluations as the
-batched run spent them): a batched engine with no other cost would reach the floor ratio.
+batched run spent them): a batched engine with no other cost would reach the floor ratio. Below
+the table, ``t(K) = V + F/K`` fitted to all the times (the sequential runs are K = 1): F, the cost
+per step that a batch shares, and the best ratio an engine with that F can reach at each K.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.func import functional_call, vmap
 
@@ -140,6 +143,8 @@ def bench_runs(env_id: str, ks: list[int], steps: int, rounds: int, compile: boo
         "| floor µs/run-step: update, probes, evaluation | floor ratio |"
     )
     print("|---|---|---|---|---|---|")
+    points: list[tuple[int, float]] = []  # (K, seconds per run-step): the sequential runs are K = 1
+    floor_of: dict[int, float] = {}
     for k in ks:
         cfgs = _configs(env_id, k, steps, penalties)
         seq, bat, floors = [], [], []  # floors: (update, probes, evaluation) seconds per run-step
@@ -171,6 +176,29 @@ def bench_runs(env_id: str, ks: list[int], steps: int, rounds: int, compile: boo
         f = sum(parts)
         split = ", ".join(f"{x * 1e6:,.0f}" for x in parts)
         print(f"| {k} | {s * 1e6:,.0f} | {b * 1e6:,.0f} | {b / s:.2f}× | {f * 1e6:,.0f} ({split}) | {f / s:.2f}× |")
+        points += [(1, s), (k, b)]
+        floor_of[k] = f
+    shared, per_run = shared_and_per_run(points)
+    print(
+        f"t(K) = V + F/K fitted to the {len(points)} times above: F = {shared * 1e6:,.0f} µs per step shared by "
+        f"the batch, V = {per_run * 1e6:,.0f} µs per run-step"
+    )
+    for k, f in floor_of.items():
+        best = (f + shared / k) / (f + shared)
+        print(f"K = {k}: an engine with this F and nothing per run beyond the floor reaches {best:.2f}×")
+
+
+def shared_and_per_run(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """Least-squares fit of ``t(K) = V + F/K`` to ``(K, t)``, the time per run-step of K runs in
+    lockstep: ``(F, V)``, the time per step that a batch shares and the time each run adds.
+
+    The ratio of K runs in lockstep to the same runs one by one is then ``(V + F/K) / (V + F)``,
+    which grows with V; with V at its floor it is the best an engine with this F can reach, and a
+    faster single run (a smaller F) raises it."""
+    ks = np.array([k for k, _ in points], dtype=np.float64)
+    times = np.array([t for _, t in points], dtype=np.float64)
+    (shared, per_run), *_ = np.linalg.lstsq(np.stack((1.0 / ks, np.ones_like(ks)), axis=1), times, rcond=None)
+    return float(shared), float(per_run)
 
 
 # ---- one batched update, three ways ---------------------------------------------------------
@@ -332,21 +360,70 @@ def value_flops(cfg: object, obs_dim: int, n_actions: int) -> int:
 
 
 def bench_limit() -> None:
-    from reference_agent.experiments.sweep import PRESETS
+    """The paper preset's work that no engine avoids, timed on this machine: the updates' matrix
+    products (FLOPs at the measured float32 rate), the singular penalty's Gram matrices and
+    products (FLOPs) and its ``eigh`` calls (each timed alone at its size), and the training
+    steps of the environments (gymnasium's ``step`` alone, random actions). A lower bound: the
+    evaluation episodes, probes, replay sampling and the element-wise work are left out."""
+    import gymnasium as gym
 
+    from reference_agent.experiments.sweep import PRESETS
+    from reference_agent.network import QNetwork
+    from reference_agent.penalties import StackedPenalty
+    from reference_agent.stacked import StackedQ
+
+    cfgs = PRESETS["paper"](2)
     dims = {"LunarLander-v3": (8, 4), "CartPole-v1": (4, 2), "MountainCar-v0": (2, 3)}
-    total = 0
-    for c in PRESETS["paper"](2):
+    total = 0.0
+    eighs: dict[int, float] = {}  # matrix size: calls
+    env_steps: dict[str, int] = {}
+    for c in cfgs:
+        obs_dim, n_actions = dims[c.env_id]
         updates = c.total_steps - c.learning_starts + 1
-        total += updates * update_flops(*dims[c.env_id], c.hidden_sizes, c.batch_size) + value_flops(c, *dims[c.env_id])
+        total += updates * update_flops(obs_dim, n_actions, c.hidden_sizes, c.batch_size) + value_flops(
+            c, obs_dim, n_actions
+        )
+        env_steps[c.env_id] = env_steps.get(c.env_id, 0) + c.total_steps
+        net = QNetwork(obs_dim, n_actions, c.hidden_sizes)
+        penalty = StackedPenalty([c], [net], StackedQ([net]).params(), torch.device("cpu"))
+        calls = updates / int(penalty.every[0])
+        for width, coef in zip((*c.hidden_sizes, n_actions), penalty.singular[0], strict=True):
+            if coef:
+                m = min(width, c.batch_size)
+                eighs[m] = eighs.get(m, 0.0) + calls
+                total += calls * (2 * c.batch_size * m * m + 2 * 2 * c.batch_size * m * 2)  # Gram, Φv, (Φv)vᵀ
     x, w = torch.randn(512, 64), torch.randn(64, 64)
     mm = 2 * 512 * 64 * 64 / time_per_call(lambda: x @ w, 2000)
     xb, wb = torch.randn(8, 512, 64), torch.randn(8, 64, 64)
     bmm = 8 * 2 * 512 * 64 * 64 / time_per_call(lambda: torch.bmm(xb, wb), 300)
-    print(f"paper preset: {len(PRESETS['paper'](2))} runs, {total / 1e12:.1f} TFLOP of update matrix products")
+    eigh_seconds = 0.0
+    for m, calls in eighs.items():
+        phi = torch.randn(1, 512, m).relu()
+        gram = phi.transpose(1, 2) @ phi
+        eigh_seconds += calls * time_per_call(partial(torch.linalg.eigh, gram), 300)
+    env_seconds = 0.0
+    rng = np.random.default_rng(0)
+    for env_id, steps in env_steps.items():
+        env = gym.make(env_id)
+        env.reset(seed=0)
+        n, start = 3000, time.perf_counter()
+        for _ in range(n):
+            _, _, terminated, truncated, _ = env.step(int(rng.integers(env.action_space.n)))  # type: ignore[attr-defined]
+            if terminated or truncated:
+                env.reset()
+        env_seconds += steps * (time.perf_counter() - start) / n
+        env.close()
+    products = total / mm
+    floor = products + eigh_seconds + env_seconds
+    print(f"paper preset: {len(cfgs)} runs, {total / 1e12:.1f} TFLOP of update matrix products")
     print(f"measured float32 throughput, one thread: mm 512x64 @ 64x64 {mm / 1e9:.0f} GFLOP/s; ", end="")
     print(f"bmm of 8 such products {bmm / 1e9:.0f} GFLOP/s")
-    print(f"physical limit of the updates: {total / mm / 60:.1f} min on one core, {total / mm / 120:.1f} min on two")
+    print(f"physical limit of the updates: {products / 60:.1f} min on one core, {products / 120:.1f} min on two")
+    print(
+        f"with the singular penalty's {sum(eighs.values()) / 1e6:.2f} million eigh calls ({eigh_seconds / 60:.1f} min) "
+        f"and {sum(env_steps.values()) / 1e6:.0f} million environment steps ({env_seconds / 60:.1f} min): "
+        f"{floor / 60:.1f} min on one core, {floor / 120:.1f} min on two"
+    )
 
 
 def main() -> None:

@@ -82,7 +82,7 @@ def stack_key(cfg: DQNConfig) -> tuple[bool, str, str, tuple[str, ...]]:
 
 
 Runs = tuple[tuple[int, ...], ...]
-"""Per layer, the runs whose singular penalty is added at a step (``StackedPenalty.singular_runs``)."""
+"""Per layer, the runs whose singular penalty is added at a step (``Schedule.singular_runs``)."""
 
 
 def over_chunks(fn: Callable[..., Any], bounds: tuple[tuple[int, int], ...]) -> Callable[..., Any]:
