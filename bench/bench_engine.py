@@ -179,10 +179,14 @@ def bench_runs(env_id: str, ks: list[int], steps: int, rounds: int, compile: boo
         points += [(1, s), (k, b)]
         floor_of[k] = f
     shared, per_run = shared_and_per_run(points)
+    worst = max(abs(per_run + shared / k - t) / t for k, t in points)
     print(
         f"t(K) = V + F/K fitted to the {len(points)} times above: F = {shared * 1e6:,.0f} µs per step shared by "
-        f"the batch, V = {per_run * 1e6:,.0f} µs per run-step"
+        f"the batch, V = {per_run * 1e6:,.0f} µs per run-step (the fit is within {worst:.0%} of every time)"
     )
+    if shared <= 0:
+        print("no cost shared by the batch in these times (one-off costs, such as a first compilation, dominate)")
+        return
     for k, f in floor_of.items():
         best = (f + shared / k) / (f + shared)
         print(f"K = {k}: an engine with this F and nothing per run beyond the floor reaches {best:.2f}×")
