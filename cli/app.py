@@ -11,12 +11,12 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
 from cli.config_options import config_from_options, config_parameters, config_warnings
 from cli.errors import DEBUG, INTERRUPTED, fail, user_errors, warn
+from cli.progress import UpdateClock, progress_bar
 
 app = typer.Typer(
     name="probe",
@@ -50,27 +50,6 @@ def _root(
 def say(text: str) -> None:
     """Print a line that contains user data (paths, names) verbatim: never read as markup."""
     console.print(text, markup=False, highlight=False, soft_wrap=True)  # paths stay copyable
-
-
-class StepsColumn(ProgressColumn):
-    """``done/total`` with thousands separators; ``?`` while the total is unknown."""
-
-    def render(self, task: Task) -> Text:
-        total = f"{task.total:,.0f}" if task.total is not None else "?"
-        return Text(f"{task.completed:,.0f}/{total}")
-
-
-def _progress(quiet: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        StepsColumn(),
-        TextColumn("{task.fields[info]}", markup=False),
-        TimeRemainingColumn(),
-        console=console,
-        disable=quiet,
-        transient=False,
-    )
 
 
 def train(
@@ -112,14 +91,16 @@ def train(
         run_dir = out / cfg.run_name
         for text in config_warnings(cfg):
             warn(text)
-    with _progress(quiet) as progress:
-        task = progress.add_task("train", total=cfg.total_steps if cfg else None, info="")
+    with progress_bar(console, quiet) as progress:
+        task = progress.add_task("train", total=cfg.total_steps if cfg else None, info="", remaining_s=None)
+        clock = UpdateClock()
 
         def on_progress(step: int, total: int, info: dict[str, float]) -> None:
             text = f"{info['steps_per_s']:,.0f} steps/s"
             if "last_eval" in info:
                 text += f"  eval {info['last_eval']:.1f}"
-            progress.update(task, completed=step, total=total, info=text)
+            remaining = clock.remaining(int(info["updates"]), int(info["updates_total"]))
+            progress.update(task, completed=step, total=total, info=text, remaining_s=remaining)
 
         options = EngineOptions(device=_check_device(device))
         result = run_training(cfg, run_dir, resume=resume is not None, progress=on_progress, options=options)
@@ -275,11 +256,18 @@ def sweep(
             say(f"  {c.run_name}: {budget}")
         return
     interrupted = False
-    with _progress(quiet) as progress:
-        task = progress.add_task("sweep", total=None, info="")
+    with progress_bar(console, quiet) as progress:
+        task = progress.add_task("sweep", total=None, info="", remaining_s=None)
+        clock = UpdateClock()
 
-        def on_progress(done: int, total: int, runs_done: int, runs_total: int) -> None:
-            progress.update(task, completed=done, total=total, info=f"runs {runs_done}/{runs_total}")
+        def on_progress(at: sw.SweepProgressReport) -> None:
+            progress.update(
+                task,
+                completed=at.steps,
+                total=at.steps_total,
+                info=f"runs {at.runs_done}/{at.runs_total}",
+                remaining_s=clock.remaining(at.updates, at.updates_total),
+            )
 
         try:
             outcomes = sw.run_sweep(

@@ -226,6 +226,11 @@ class DQNConfig:
     def capacity(self) -> int:
         return self.buffer_size or self.total_steps
 
+    def updates_by(self, step: int) -> int:
+        """Gradient steps a run has taken by environment step ``step`` (steps count from 1; one
+        gradient step per environment step from ``learning_starts``)."""
+        return max(0, step - max(self.learning_starts, 1) + 1)
+
     @property
     def run_name(self) -> str:
         """``<env>__<reg>[_lam…_d…_<every>][_<intervention>-every<n>]__s<seed>``: unique per

@@ -53,8 +53,9 @@ from reference_agent.stacked import StackedQ, mlp_forward
 from reference_agent.update import BatchedUpdate, stack_key
 
 ProgressFn = Callable[[int, int, dict[str, float]], None]
-"""``progress(step, total_steps, info)``; info has ``steps_per_s``, ``runs`` (still training) and,
-for a single run, ``last_eval`` when known."""
+"""``progress(step, total_steps, info)``; info has ``steps_per_s``, ``runs`` (still training),
+``updates`` and ``updates_total`` (each run's gradient steps, ``DQNConfig.updates_by``) and, for a
+single run, ``last_eval`` when known."""
 
 PER_RUN_FIELDS = frozenset(
     {
@@ -844,6 +845,8 @@ class _Engine:
         elapsed = time.perf_counter() - self.started
         info = {"steps_per_s": (t - self.start_step) / elapsed if elapsed > 0 else 0.0}
         info["runs"] = float(len(self._training()))
+        info["updates"] = float(self.cfg.updates_by(t))
+        info["updates_total"] = float(self.cfg.updates_by(self.cfg.total_steps))
         if self.k == 1 and self.runs[0].last_eval is not None:
             info["last_eval"] = float(self.runs[0].last_eval)
         return info

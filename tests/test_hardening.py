@@ -350,7 +350,7 @@ def test_a_killed_worker_fails_its_run_and_the_others_finish(tmp_path: Path) -> 
     ]
     killed: list[int] = []
 
-    def progress(*_: int) -> None:
+    def progress(_: sweep.SweepProgressReport) -> None:
         if not killed and status(tmp_path / victim.run_name).get("state") == "running":
             child = next(p for p in multiprocessing.active_children() if p.name == victim.run_name)
             assert child.pid is not None
@@ -374,7 +374,7 @@ def test_rerunning_a_sweep_resumes_a_killed_run_exactly(tmp_path: Path) -> None:
     assert train(victim, tmp_path / "alone").state == "finished"  # the uninterrupted run
     killed: list[int] = []
 
-    def progress(*_: int) -> None:
+    def progress(_: sweep.SweepProgressReport) -> None:
         if not killed and (tmp_path / "s" / victim.run_name / "checkpoint.pt").exists():
             child = next(p for p in multiprocessing.active_children() if p.name == victim.run_name)
             assert child.pid is not None

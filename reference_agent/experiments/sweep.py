@@ -355,8 +355,23 @@ def _lost(configs: list[DQNConfig], out_dir: Path, message: str) -> list[RunOutc
     return [RunOutcome(c.run_name, "failed", message) for c in configs]
 
 
-SweepProgress = Callable[[int, int, int, int], None]
-"""``progress(steps_done, steps_total, runs_done, runs_total)``."""
+@dataclass(frozen=True)
+class SweepProgressReport:
+    """Where a sweep stands; an ended run (finished, failed, diverged) counts in full."""
+
+    steps: int
+    """Environment steps taken, summed over the runs."""
+    steps_total: int
+    updates: int
+    """Gradient steps taken, summed over the runs (``DQNConfig.updates_by``)."""
+    updates_total: int
+    runs_done: int
+    """Runs that ended."""
+    runs_total: int
+
+
+SweepProgress = Callable[[SweepProgressReport], None]
+"""Called about every ``poll_s`` seconds while the sweep runs."""
 
 
 @dataclass
@@ -450,8 +465,16 @@ def _run_locked(
 
     def report_progress() -> None:
         if progress is not None:
-            done = sum(c.total_steps if c.run_name in outcomes else run_step(out_dir / c.run_name) for c in configs)
-            progress(done, sum(c.total_steps for c in configs), len(outcomes), len(configs))
+            steps = [c.total_steps if c.run_name in outcomes else run_step(out_dir / c.run_name) for c in configs]
+            report = SweepProgressReport(
+                steps=sum(steps),
+                steps_total=sum(c.total_steps for c in configs),
+                updates=sum(c.updates_by(s) for c, s in zip(configs, steps, strict=True)),
+                updates_total=sum(c.updates_by(c.total_steps) for c in configs),
+                runs_done=len(outcomes),
+                runs_total=len(configs),
+            )
+            progress(report)
 
     record()
     report_progress()
