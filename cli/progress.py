@@ -59,8 +59,8 @@ class UpdateClock:
 
 
 def progress_bar(console: Console, quiet: bool) -> Progress:
-    """The bar of a long command: ``description``, bar, steps, the ``info`` field, time left
-    (``remaining_s``); each task needs both fields."""
+    """The bar of a long command: ``description``, bar, steps, the ``info`` field (each task needs
+    it), time left (the ``remaining_s`` field; unknown while absent or None)."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
