@@ -265,7 +265,7 @@ def sweep(
                 task,
                 completed=at.steps,
                 total=at.steps_total,
-                info=f"runs {at.runs_done}/{at.runs_total}",
+                info=f"finished {at.runs_finished}/{at.runs_total}",
                 remaining_s=clock.remaining(at.updates, at.updates_total),
             )
 

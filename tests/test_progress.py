@@ -91,8 +91,25 @@ def test_sweep_reports_steps_and_updates(tmp_path: Path) -> None:
     reports: list[sweep.SweepProgressReport] = []
     outcomes = sweep.run_sweep(configs, tmp_path, progress=reports.append, poll_s=0.1)
     assert [o.state for o in outcomes] == ["finished", "finished"]
-    assert reports[0].updates == 0 and reports[0].runs_done == 0
+    assert reports[0].updates == 0 and reports[0].runs_finished == 0
     last = reports[-1]
-    assert (last.steps, last.steps_total, last.runs_done, last.runs_total) == (800, 800, 2, 2)
+    assert (last.steps, last.steps_total, last.runs_finished, last.runs_total) == (800, 800, 2, 2)
     assert last.updates == last.updates_total == 2 * (400 - 100 + 1)
     assert all(a.updates <= b.updates and a.steps <= b.steps for a, b in itertools.pairwise(reports))
+
+
+def test_sweep_reports_an_ended_run_as_it_stands(tmp_path: Path) -> None:
+    """A diverged run is not counted as finished, nor its steps as taken; nothing is left to do
+    for it, so the last report has no updates to come (no time left is promised for it)."""
+    bad = tiny_config(total_steps=400, learning_starts=100, seed=5, reg="l2", lam=1e38)  # λ‖θ‖² overflows
+    good = tiny_config(total_steps=400, learning_starts=100, seed=6)
+    reports: list[sweep.SweepProgressReport] = []
+    outcomes = sweep.run_sweep([bad, good], tmp_path, progress=reports.append, poll_s=0.1)
+    assert [o.state for o in outcomes] == ["diverged", "finished"]
+    status = rundir.read_json(tmp_path / bad.run_name / rundir.STATUS)  # the input the report sums
+    stopped = status["step"]
+    assert status["state"] == "diverged" and 100 <= stopped < 400
+    last = reports[-1]
+    assert (last.runs_finished, last.runs_total, last.steps_total) == (1, 2, 800)
+    assert last.steps == 400 + stopped
+    assert last.updates == last.updates_total == (400 - 100 + 1) + (stopped - 100 + 1)

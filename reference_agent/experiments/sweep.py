@@ -357,7 +357,7 @@ def _lost(configs: list[DQNConfig], out_dir: Path, message: str) -> list[RunOutc
 
 @dataclass(frozen=True)
 class SweepProgressReport:
-    """Where a sweep stands; an ended run (finished, failed, diverged) counts in full."""
+    """Where a sweep stands, from the runs' ``status.json`` steps."""
 
     steps: int
     """Environment steps taken, summed over the runs."""
@@ -365,8 +365,9 @@ class SweepProgressReport:
     updates: int
     """Gradient steps taken, summed over the runs (``DQNConfig.updates_by``)."""
     updates_total: int
-    runs_done: int
-    """Runs that ended."""
+    """Gradient steps taken once the runs still training end: an ended run (finished, failed,
+    diverged, interrupted) counts as it stands."""
+    runs_finished: int
     runs_total: int
 
 
@@ -465,13 +466,16 @@ def _run_locked(
 
     def report_progress() -> None:
         if progress is not None:
-            steps = [c.total_steps if c.run_name in outcomes else run_step(out_dir / c.run_name) for c in configs]
+            steps = [run_step(out_dir / c.run_name) for c in configs]
             report = SweepProgressReport(
                 steps=sum(steps),
                 steps_total=sum(c.total_steps for c in configs),
                 updates=sum(c.updates_by(s) for c, s in zip(configs, steps, strict=True)),
-                updates_total=sum(c.updates_by(c.total_steps) for c in configs),
-                runs_done=len(outcomes),
+                updates_total=sum(
+                    c.updates_by(s if c.run_name in outcomes else c.total_steps)
+                    for c, s in zip(configs, steps, strict=True)
+                ),
+                runs_finished=sum(o.state == "finished" for o in outcomes.values()),
                 runs_total=len(configs),
             )
             progress(report)
