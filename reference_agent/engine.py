@@ -76,7 +76,7 @@ PER_RUN_FIELDS = frozenset(
 
 
 class DivergenceError(RuntimeError):
-    """The TD loss became NaN or Inf."""
+    """The TD loss, its statistics or the penalty became NaN or Inf."""
 
 
 class RunExistsError(FileExistsError):
@@ -659,8 +659,10 @@ class _Engine:
         for run in self._training():
             if run.stats_count > 0:
                 loss_mean, q_mean, y_mean, penalty_mean = (v / run.stats_count for v in means[run.index])
-                if not all(map(math.isfinite, (loss_mean, q_mean, y_mean, penalty_mean))):
-                    self._diverged(run, DivergenceError(f"TD loss became {loss_mean} by step {t}"))
+                named = {"TD loss": loss_mean, "mean Q": q_mean, "mean target": y_mean, "penalty": penalty_mean}
+                bad = [f"{name} became {value}" for name, value in named.items() if not math.isfinite(value)]
+                if bad:
+                    self._diverged(run, DivergenceError(f"{', '.join(bad)} by step {t}"))
                     continue
                 record: dict[str, Any] = {
                     "step": t,

@@ -109,6 +109,7 @@ def test_sweep_reports_an_ended_run_as_it_stands(tmp_path: Path) -> None:
     status = rundir.read_json(tmp_path / bad.run_name / rundir.STATUS)  # the input the report sums
     stopped = status["step"]
     assert status["state"] == "diverged" and 100 <= stopped < 400
+    assert status["message"].startswith("penalty became inf by step")  # not the TD loss, still finite
     last = reports[-1]
     assert (last.runs_finished, last.runs_total, last.steps_total) == (1, 2, 800)
     assert last.steps == 400 + stopped
